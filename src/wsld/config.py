@@ -1,0 +1,238 @@
+"""The typed configuration schema.
+
+One dataclass tree, read through OmegaConf: a YAML file is merged onto the defaults, then dotted
+``key=value`` overrides from the command line. OmegaConf rejects unknown keys and wrong types;
+``validate`` then checks ranges and names against the registries, so every mistake stops the run
+before anything is built, with one line naming the key.
+
+The defaults are the built-in default run: WSLD on Fashion-MNIST, small CNN teacher -> tiny CNN
+student (``configs/fashion_mnist_wsld.yaml`` spells the same values out).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from wsld.errors import UserError
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "fashion-mnist"  # fashion-mnist | digits | imagenet | custom
+    data_path: Optional[str] = None  # built-ins: folder with the raw files; others: dataset root
+    format: str = "builtin"  # builtin | folder | list | lmdb
+    train_split: str = "train"
+    val_split: str = "val"
+    batch_size: int = 128  # global batch, summed over all processes
+    val_batch_size: Optional[int] = None  # default: batch_size
+    workers: int = 2  # DataLoader workers per process
+    image_size: int = 224  # train crop / val crop for photo datasets
+    val_resize: int = 256  # val: Resize(val_resize) + CenterCrop(image_size)
+    min_scale: float = 0.08  # RandomResizedCrop scale lower bound
+    hflip: bool = True
+    augment: bool = True  # built-in data: random crop (pad 2) + flip; photos: RandomResizedCrop
+    color_jitter: float = 0.0  # reference tool's optional ColorJitter(0.4, 0.4, 0.4) -> 0.4
+    fast_decode: bool = True  # JPEG DCT-domain downscaling before the crop is resized
+    mean: Optional[list[float]] = None  # None: the dataset's own statistics
+    std: Optional[list[float]] = None
+    long_tail_ratio: float = 1.0  # > 1: exponentially imbalanced train split, n_max / n_min
+    on_corrupt: str = "skip"  # skip | stop: what a corrupt image met in training does
+
+
+@dataclass
+class ModelConfig:
+    teacher: str = "cnn_teacher"
+    # torchvision weight enum name (IMAGENET1K_V1), a local .pt/.pth/.safetensors file,
+    # or null: train the teacher first (cached under teacher_cache, reused next time)
+    teacher_weights: Optional[str] = None
+    student: str = "cnn_student"
+    student_weights: Optional[str] = None
+    replace_head: bool = False  # allow a new classifier head when class counts differ
+    teacher_bn_mode: str = "eval"  # eval | train (train = the reference's batch-statistics teacher)
+    sync_bn: bool = False
+    channels_last: Optional[bool] = None  # null: on for CUDA, off on CPU
+    compile: bool = False
+    teacher_cache: str = "~/.cache/wsld/teachers"
+
+
+@dataclass
+class DistillConfig:
+    loss: str = "wsld"  # ce | kd | wsld
+    T: float = 4.0
+    # wsld: weight of the soft term (loss = hard + alpha * soft; reference 2.5 ImageNet, 2.25 CIFAR)
+    # kd:   mixing weight in [0, 1] (loss = (1 - alpha) * CE + alpha * T^2 * KL)
+    alpha: float = 2.25
+    label_smoothing: float = 0.0  # on the hard term only
+    soft_labels: Optional[str] = None  # stored teacher outputs (wsld soft-labels) instead of a teacher
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 6
+    lr: float = 0.1  # for a global batch of base_batch_size; scaled linearly with data.batch_size
+    base_batch_size: int = 256
+    optimizer: str = "sgd"  # sgd | adamw
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    wd_norm_bias: bool = True  # decay norm and bias parameters too (the reference did)
+    schedule: str = "cosine"  # cosine | step | multistep | constant
+    step_size: int = 30  # step: lr x gamma every step_size epochs
+    milestones: list[int] = field(default_factory=list)  # multistep
+    gamma: float = 0.1
+    warmup_epochs: float = 0.0  # linear warmup from 0
+    grad_clip: float = 0.0  # max grad norm, 0 = off
+    ema_decay: float = 0.0  # EMA of student weights, 0 = off
+    amp: str = "auto"  # auto | off | bf16 | fp16 (auto: bf16 on CUDA, off on CPU)
+    seed: int = 0
+    deterministic: bool = False
+    eval_every: int = 1  # epochs
+    nan_policy: str = "stop"  # stop | skip
+    log_every: int = 50  # steps between metric lines
+    progress: bool = True  # console progress bars
+
+
+@dataclass
+class TeacherTrainConfig:
+    """How the teacher is trained when model.teacher_weights is null (built-in and custom data)."""
+
+    epochs: int = 4
+    lr: float = 0.1
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 0  # extra mid-epoch checkpoint every N optimizer steps (0: at epoch ends only)
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    teacher_train: TeacherTrainConfig = field(default_factory=TeacherTrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+
+def _explain(err: OmegaConfBaseException) -> str:
+    key = getattr(err, "full_key", None) or getattr(err, "key", None)
+    msg = str(err).splitlines()[0]
+    if key:
+        return f"config key '{key}': {msg}"
+    return f"config: {msg}"
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults <- YAML file <- dotted overrides, then validated. Raises UserError on any mistake."""
+    schema = OmegaConf.structured(Config)
+    layers: list[Any] = [schema]
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise UserError(f"config file not found: {p} (give a YAML file, e.g. configs/fashion_mnist_wsld.yaml)")
+        try:
+            loaded = OmegaConf.load(p)
+        except Exception as e:  # YAML syntax errors come in several types
+            raise UserError(f"config file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(loaded, DictConfig):
+            raise UserError(f"config file {p} must hold a mapping of sections (data:, model:, ...)")
+        layers.append(loaded)
+    for item in overrides:
+        if "=" not in item:
+            raise UserError(f"override '{item}' is not key=value (e.g. train.epochs=10)")
+    try:
+        if overrides:
+            layers.append(OmegaConf.from_dotlist(list(overrides)))
+        merged = OmegaConf.merge(*layers)
+        cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    except OmegaConfBaseException as e:
+        raise UserError(_explain(e)) from None
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(d: dict) -> Config:
+    """Rebuild a Config from a saved (resolved) dict, e.g. from a checkpoint."""
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(d)))  # type: ignore[return-value]
+    except OmegaConfBaseException as e:
+        raise UserError(_explain(e)) from None
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def _choice(key: str, value: str, allowed) -> None:
+    allowed = sorted(allowed)
+    if value not in allowed:
+        raise UserError(f"config key '{key}': '{value}' is not one of {', '.join(allowed)}")
+
+
+def validate(cfg: Config) -> None:
+    """Range and name checks that the type system cannot express."""
+    from wsld.losses import LOSSES
+
+    _choice("distill.loss", cfg.distill.loss, LOSSES)
+    if cfg.distill.T <= 0:
+        raise UserError(f"config key 'distill.T': must be > 0, got {cfg.distill.T}")
+    if cfg.distill.alpha < 0:
+        raise UserError(f"config key 'distill.alpha': must be >= 0, got {cfg.distill.alpha}")
+    if cfg.distill.loss == "kd" and cfg.distill.alpha > 1:
+        raise UserError(f"config key 'distill.alpha': for kd it is a mixing weight in [0, 1], got {cfg.distill.alpha}")
+    if not 0 <= cfg.distill.label_smoothing < 1:
+        raise UserError("config key 'distill.label_smoothing': must be in [0, 1)")
+    _choice("data.format", cfg.data.format, {"builtin", "folder", "list", "lmdb"})
+    _choice("data.on_corrupt", cfg.data.on_corrupt, {"skip", "stop"})
+    _choice("model.teacher_bn_mode", cfg.model.teacher_bn_mode, {"eval", "train"})
+    _choice("train.optimizer", cfg.train.optimizer, {"sgd", "adamw"})
+    _choice("train.schedule", cfg.train.schedule, {"cosine", "step", "multistep", "constant"})
+    _choice("teacher_train.schedule", cfg.teacher_train.schedule, {"cosine", "step", "multistep", "constant"})
+    _choice("train.amp", cfg.train.amp, {"auto", "off", "bf16", "fp16"})
+    _choice("train.nan_policy", cfg.train.nan_policy, {"stop", "skip"})
+    for key, value in [
+        ("data.batch_size", cfg.data.batch_size),
+        ("train.epochs", cfg.train.epochs),
+        ("train.base_batch_size", cfg.train.base_batch_size),
+        ("train.eval_every", cfg.train.eval_every),
+        ("teacher_train.epochs", cfg.teacher_train.epochs),
+        ("data.image_size", cfg.data.image_size),
+    ]:
+        if value < 1:
+            raise UserError(f"config key '{key}': must be >= 1, got {value}")
+    for key, value in [
+        ("data.workers", cfg.data.workers),
+        ("train.lr", cfg.train.lr),
+        ("train.weight_decay", cfg.train.weight_decay),
+        ("train.warmup_epochs", cfg.train.warmup_epochs),
+        ("train.grad_clip", cfg.train.grad_clip),
+        ("checkpoint.every_steps", cfg.checkpoint.every_steps),
+    ]:
+        if value < 0:
+            raise UserError(f"config key '{key}': must be >= 0, got {value}")
+    if not 0 <= cfg.train.ema_decay < 1:
+        raise UserError("config key 'train.ema_decay': must be in [0, 1) (0 turns EMA off)")
+    if cfg.data.long_tail_ratio < 1:
+        raise UserError("config key 'data.long_tail_ratio': must be >= 1 (1 = balanced)")
+    for key, v in [("data.mean", cfg.data.mean), ("data.std", cfg.data.std)]:
+        if v is not None and len(v) not in (1, 3):
+            raise UserError(f"config key '{key}': give 1 or 3 values, got {len(v)}")
+    if cfg.data.format == "builtin":
+        from wsld.data.builtin import BUILTIN_DATASETS
+
+        _choice("data.dataset", cfg.data.dataset, BUILTIN_DATASETS)
+    elif not cfg.data.data_path:
+        raise UserError(f"config key 'data.data_path': required for data.format={cfg.data.format} (the dataset root)")

@@ -1,0 +1,141 @@
+"""Built-in real data that needs no network: Fashion-MNIST (Debian's package) and scikit-learn's digits."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from wsld.data.sampling import seeded_rng, split_key
+from wsld.errors import DataError
+
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_CLASSES = [
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+]  # fmt: skip
+FASHION_MNIST_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "val": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+GET_FASHION_MNIST = (
+    "Fashion-MNIST files not found in {where}: install them with "
+    "'apt-get install -y dataset-fashion-mnist' (Debian/Ubuntu), or set data.data_path to a folder "
+    "holding train-images-idx3-ubyte(.gz) and the other three IDX files"
+)
+
+
+class TensorImageDataset(Dataset):
+    """In-memory uint8 images (N, C, H, W) with integer labels; keys may carry an augmentation seed."""
+
+    def __init__(self, images: Tensor, targets: list[int], classes: list[str], transform: Optional[Callable] = None):
+        self.images = images
+        self.targets = list(targets)
+        self.classes = list(classes)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, key):
+        index, seed = split_key(key)
+        img = self.images[index]
+        if self.transform is not None:
+            with seeded_rng(seed):
+                img = self.transform(img)
+        return img, self.targets[index]
+
+    def describe(self, index: int) -> str:
+        return f"sample {index}"
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read an IDX file (optionally gzipped): big-endian magic, dims, then uint8 data."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError) as e:
+        raise DataError(f"cannot read IDX file {path}: {e}") from None
+    if len(data) < 4:
+        raise DataError(f"IDX file {path} is truncated")
+    zero, dtype_code, ndim = struct.unpack(">HBB", data[:4])
+    if zero != 0 or dtype_code != 0x08:
+        raise DataError(f"{path} is not a uint8 IDX file (bad magic number)")
+    dims = struct.unpack(">" + "I" * ndim, data[4 : 4 + 4 * ndim])
+    body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    if body.size != int(np.prod(dims)):
+        raise DataError(f"IDX file {path} is truncated: expected {int(np.prod(dims))} values, found {body.size}")
+    return body.reshape(dims)
+
+
+def _find_idx(folder: Path, stem: str) -> Optional[Path]:
+    for cand in (folder / stem, folder / f"{stem}.gz", folder / "FashionMNIST" / "raw" / stem,
+                 folder / "FashionMNIST" / "raw" / f"{stem}.gz", folder / "raw" / stem, folder / "raw" / f"{stem}.gz"):
+        if cand.is_file():
+            return cand
+    return None
+
+
+def load_fashion_mnist(split: str, data_path: Optional[str] = None) -> tuple[Tensor, list[int]]:
+    folder = Path(os.path.expanduser(data_path or FASHION_MNIST_DIR))
+    if split not in FASHION_MNIST_FILES:
+        raise DataError(f"fashion-mnist has splits 'train' and 'val' (the 10,000 test images), not '{split}'")
+    img_stem, lbl_stem = FASHION_MNIST_FILES[split]
+    img_path, lbl_path = _find_idx(folder, img_stem), _find_idx(folder, lbl_stem)
+    if img_path is None or lbl_path is None:
+        raise DataError(GET_FASHION_MNIST.format(where=folder))
+    images = read_idx(img_path)
+    labels = read_idx(lbl_path)
+    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+        raise DataError(f"Fashion-MNIST files in {folder} do not match (images {images.shape}, labels {labels.shape})")
+    return torch.from_numpy(images.copy()).unsqueeze(1), labels.astype(np.int64).tolist()
+
+
+def load_digits_split(split: str) -> tuple[Tensor, list[int]]:
+    """scikit-learn's 1,797 8x8 digits, 16 grey levels scaled to 0..255, fixed stratified 75/25 split."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    if split not in ("train", "val"):
+        raise DataError(f"digits has splits 'train' and 'val', not '{split}'")
+    d = load_digits()
+    images = np.clip(d.images * 16.0, 0, 255).round().astype(np.uint8)
+    idx = np.arange(len(images))
+    tr, va = train_test_split(idx, test_size=0.25, random_state=0, stratify=d.target)
+    sel = np.sort(tr if split == "train" else va)
+    return torch.from_numpy(images[sel]).unsqueeze(1), d.target[sel].astype(np.int64).tolist()
+
+
+# name -> (loader, classes, mean, std, crop padding, horizontal flip is label-preserving)
+BUILTIN_DATASETS: dict[str, dict] = {
+    "fashion-mnist": dict(
+        load=load_fashion_mnist, classes=FASHION_MNIST_CLASSES, mean=[0.2860], std=[0.3530], pad=2, flip=True
+    ),
+    "digits": dict(
+        load=lambda split, data_path=None: load_digits_split(split),
+        classes=[str(i) for i in range(10)], mean=[0.3053], std=[0.3755], pad=1, flip=False,
+    ),
+}
+
+
+def build_builtin(name: str, split: str, data_path: Optional[str], train: bool, augment: bool, hflip: bool):
+    from torchvision.transforms import v2
+
+    spec = BUILTIN_DATASETS[name]
+    images, targets = spec["load"](split, data_path=data_path)
+    transform = None
+    if train and augment:
+        size = images.shape[-1]
+        steps = [v2.RandomCrop(size, padding=spec["pad"])]
+        if hflip and spec["flip"]:
+            steps.append(v2.RandomHorizontalFlip())
+        transform = v2.Compose(steps)
+    return TensorImageDataset(images, targets, spec["classes"], transform), spec
