@@ -2,7 +2,7 @@
 
 Every loss has one signature, ``(student_logits, teacher_logits, target, **hyper) -> (loss, parts)``,
 and is chosen by name from ``LOSSES``. ``parts`` holds detached tensors (``hard``, ``soft``,
-``weight_mean``) for logging; nothing here calls ``.item()``, so a step never waits on the GPU.
+``weight_mean``; ``wsld`` adds the per-sample ``sample_weight``) for logging; nothing here calls ``.item()``, so a step never waits on the GPU.
 
 All softmax / log-softmax maths is done in float32 whatever the autocast dtype: bf16/fp16 logits
 of magnitude up to 1e4 still give finite losses and gradients.
@@ -99,7 +99,7 @@ def wsld(
     w = wsld_weights(s, t, target)
     soft = (T * T) * (w * soft_cross_entropy(s, t, T)).mean()
     loss = hard + alpha * soft
-    return loss, {"hard": hard.detach(), "soft": soft.detach(), "weight_mean": w.mean()}
+    return loss, {"hard": hard.detach(), "soft": soft.detach(), "weight_mean": w.mean(), "sample_weight": w}
 
 
 LOSSES: dict[str, LossFn] = {"ce": ce, "kd": kd, "wsld": wsld}

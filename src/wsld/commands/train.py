@@ -1,0 +1,93 @@
+"""``wsld train [CONFIG] [key=value ...] [--out RUN_DIR] [--resume RUN_DIR]``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from wsld.errors import UserError
+
+
+def split_config_and_overrides(items: list[str]) -> tuple[str | None, list[str]]:
+    """The first item without '=' is the config file; the rest are dotted overrides."""
+    config, overrides = None, []
+    for item in items:
+        if "=" not in item and config is None and not overrides:
+            config = item
+        elif "=" not in item:
+            raise UserError(f"'{item}' is neither the config file (it must come first) nor a key=value override")
+        else:
+            overrides.append(item)
+    return config, overrides
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train a student (and the teacher first, when no teacher weights are given)",
+        description="Train a student by distillation. With no arguments: the built-in default, WSLD on "
+        "Fashion-MNIST (a small CNN teacher is trained first and cached, then a tiny CNN student is "
+        "distilled from it). CONFIG is a YAML file (see configs/); any key can be overridden as "
+        "section.key=value, e.g. 'wsld train configs/imagenet_resnet34_resnet18_wsld.yaml "
+        "data.data_path=/data/imagenet train.epochs=90'. Under torchrun, one process per GPU.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("args", nargs="*", metavar="[CONFIG] [key=value ...]", help="YAML config file, then dotted overrides")
+    p.add_argument("--out", metavar="RUN_DIR", help="run directory (default: runs/<timestamp>-<dataset>-<loss>-<student>)")
+    p.add_argument(
+        "--resume", metavar="RUN_DIR",
+        help="continue the run in RUN_DIR from its last checkpoint (mid-epoch included); overrides may only change "
+        "keys that do not alter the result (data.data_path, data.workers, train.progress, ...)",
+    )  # fmt: skip
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from wsld.config import config_from_dict, load_config, to_dict
+    from wsld.engine import RESUME_SAFE_KEYS, config_diff, default_run_dir, run_training
+
+    config_path, overrides = split_config_and_overrides(args.args)
+    if args.resume:
+        run_dir = Path(args.resume)
+        saved = run_dir / "config.yaml"
+        if not saved.is_file():
+            raise UserError(f"cannot resume {run_dir}: no config.yaml there (is it a wsld run directory?)")
+        if args.out and Path(args.out) != run_dir:
+            raise UserError("give either --resume RUN_DIR or --out RUN_DIR, not two different folders")
+        cfg = load_config(saved, overrides)
+        if config_path is not None:
+            wanted = load_config(config_path, overrides)
+            diff = [k for k in config_diff(to_dict(wanted), to_dict(cfg)) if k not in RESUME_SAFE_KEYS]
+            if diff:
+                raise UserError(f"cannot resume {run_dir} with {config_path}: it differs in {', '.join(diff)}")
+        base = load_config(saved)
+        diff = [k for k in config_diff(to_dict(base), to_dict(cfg)) if k not in RESUME_SAFE_KEYS]
+        if diff:
+            raise UserError(f"cannot resume {run_dir} with changed {', '.join(diff)} (start a new run instead)")
+        summary = run_training(cfg, run_dir, resume=True)
+    else:
+        cfg = load_config(config_path, overrides)
+        run_dir = Path(args.out) if args.out else default_run_dir(cfg)
+        if (run_dir / "last.pt").exists() or (run_dir / "summary.json").exists():
+            raise UserError(f"{run_dir} already holds a run: use --resume {run_dir} to continue it, or another --out")
+        summary = run_training(cfg, run_dir)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print_report(summary)
+    return 0
+
+
+def print_report(s: dict) -> None:
+    out = sys.stdout
+    print(f"\nwsld result: {s['loss']} ({s['teacher'] or 'no teacher'} -> {s['student']}), {s['epochs']} epochs, run {s['run_dir']}", file=out)
+    if s.get("teacher_top1") is not None:
+        print(f"  teacher {s['teacher']:<14} top-1 {s['teacher_top1']:6.2f}  top-5 {s['teacher_top5']:6.2f}", file=out)
+    print(f"  student {s['student']:<14} top-1 {s['last_top1']:6.2f}  top-5 {s['last_top5']:6.2f}  <- last epoch ({s['epochs']}), last.pt: the number to report", file=out)
+    print(f"  student {'(best epoch)':<14} top-1 {s['best_top1']:6.2f}                <- best.pt, epoch {s['best_epoch']} (picked on val: optimistic)", file=out)
+    if s.get("ema_last_top1") is not None:
+        print(f"  student {'(EMA)':<14} top-1 {s['ema_last_top1']:6.2f}                <- EMA weights, last epoch", file=out)
+    if s.get("corrupt_images"):
+        print(f"  {s['corrupt_images']} corrupt images were skipped (see metrics.jsonl)", file=out)
+    if s.get("skipped_steps"):
+        print(f"  {s['skipped_steps']} steps with a non-finite loss were skipped", file=out)
