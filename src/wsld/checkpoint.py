@@ -12,6 +12,7 @@ import io
 import os
 import random
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -34,12 +35,23 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via temp file + fsync + rename."""
+def atomic_write_bytes(path: str | Path, data: bytes, *, pause_s: float = 0.0) -> None:
+    """Write ``data`` to ``path`` via temp file + fsync + rename.
+
+    ``pause_s`` (tests only) sleeps with half of the data written to the temp file, so a test
+    can kill the process in the middle of a write.
+    """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
+            if pause_s > 0:
+                half = len(data) // 2
+                f.write(data[:half])
+                f.flush()
+                os.fsync(f.fileno())
+                time.sleep(pause_s)
+                data = data[half:]
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -57,10 +69,14 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+# test hook: WSLD_TEST_SLOW_SAVE=<seconds> pauses every checkpoint write half-way (tests/test_reliability_*)
+SLOW_SAVE_ENV = "WSLD_TEST_SLOW_SAVE"
+
+
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
     buf = io.BytesIO()
     torch.save(state, buf)
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_write_bytes(path, buf.getvalue(), pause_s=float(os.environ.get(SLOW_SAVE_ENV) or 0))
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

@@ -257,6 +257,10 @@ def effective_lr(cfg: Config) -> float:
 
 # --------------------------------------------------------------------------- evaluation
 
+# test hook: WSLD_TEST_SLOW_EVAL=<seconds> sleeps before each eval batch, so a test can kill a run
+# during evaluation (tests/test_reliability_resume.py)
+SLOW_EVAL_ENV = "WSLD_TEST_SLOW_EVAL"
+
 
 @torch.no_grad()
 def evaluate(
@@ -279,7 +283,10 @@ def evaluate(
     correct5 = torch.zeros((), device=dev, dtype=torch.float64)
     total = torch.zeros(num_classes, device=dev, dtype=torch.float64)
     loss_sum = torch.zeros((), device=dev, dtype=torch.float64)
+    pause_s = float(os.environ.get(SLOW_EVAL_ENV) or 0)
     for images, targets, _bad in tqdm(loader, desc=desc, leave=False, disable=not progress, mininterval=1.0):
+        if pause_s > 0:
+            time.sleep(pause_s)
         x = normalize(images)
         y = targets.to(dev, non_blocking=True)
         with _autocast(dev, amp_dtype):
