@@ -481,10 +481,10 @@ class Trainer:
         if self.rt.is_main:
             print(f"[wsld] {msg}", file=sys.stderr, flush=True)
 
-    def _loader(self, dataset, sampler, batch_size: int, drop_last: bool) -> DataLoader:
+    def _loader(self, dataset, sampler, batch_size: int, drop_last: bool, collate_fn: Optional[Callable] = None) -> DataLoader:
         w = self.cfg.data.workers
         return DataLoader(
-            dataset, batch_size=batch_size, sampler=sampler, num_workers=w, collate_fn=_collate(),
+            dataset, batch_size=batch_size, sampler=sampler, num_workers=w, collate_fn=collate_fn or _collate(),
             pin_memory=self.rt.device.type == "cuda", drop_last=drop_last,
             persistent_workers=False, prefetch_factor=4 if w > 0 else None,
         )  # fmt: skip
@@ -570,7 +570,12 @@ class Trainer:
             len(self.val_ds), batch_size=val_bs, shuffle=False, rank=rt.rank, world_size=rt.world_size, pad=False, with_seeds=False
         )
         self.val_loader = self._loader(self.val_ds, val_sampler, val_bs, drop_last=False)
-        self.train_loader = self._loader(self.train_ds, self.train_sampler, self.per_rank_batch, drop_last=True)
+        train_collate = None
+        if cfg.distill.soft_labels:  # replay the stored crops; batches carry their records as a 4th item
+            from wsld.soft_labels import replay_training_data
+
+            self.train_ds, self.train_sampler, train_collate = replay_training_data(cfg, self.train_ds, self.train_sampler)
+        self.train_loader = self._loader(self.train_ds, self.train_sampler, self.per_rank_batch, drop_last=True, collate_fn=train_collate)
         self.teacher_weights = teacher_weights
 
     def _state(self, epoch: int, step_in_epoch: int, global_step: int) -> dict[str, Any]:
@@ -706,7 +711,7 @@ class Trainer:
                        disable=not progress, mininterval=1.0, leave=False, dynamic_ncols=True)  # fmt: skip
             t_wait = time.perf_counter()
             step = first
-            for images, targets, bad in self.train_loader:
+            for images, targets, bad, *extra in self.train_loader:
                 wait += time.perf_counter() - t_wait
                 if bad:
                     self._handle_corrupt(bad, epoch, step)
@@ -718,7 +723,7 @@ class Trainer:
                     continue
                 x = self.normalize(images)
                 y = targets.to(rt.device, non_blocking=True)
-                loss, parts = train_step(self.ctx, x, y)
+                loss, parts = train_step(self.ctx, x, y, extra[0] if extra else None)
                 if loss is None:
                     self._non_finite(epoch, step, global_step)
                 else:
