@@ -47,7 +47,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # `wsld train CONFIG --out DIR key=value ...`: argparse stops filling a positional list at an
+    # option, so key=value items after it come back as extras; a command that takes them names its
+    # list in `extra_args_dest` (anything else, or an unknown --option, is the usual usage error)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        dest = getattr(args, "extra_args_dest", None)
+        if dest is None or any(e.startswith("-") for e in extra):
+            parser.parse_args(argv)  # prints "unrecognized arguments" and exits 2
+        getattr(args, dest).extend(extra)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -131,10 +131,20 @@ def _explain(err: OmegaConfBaseException) -> str:
     return f"config: {msg}"
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Defaults <- YAML file <- dotted overrides, then validated. Raises UserError on any mistake."""
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), *, base: Optional[dict] = None
+) -> Config:
+    """Defaults <- ``base`` (a saved config dict) <- YAML file <- dotted overrides, then validated.
+
+    Raises UserError on any mistake, naming the key.
+    """
     schema = OmegaConf.structured(Config)
     layers: list[Any] = [schema]
+    if base is not None:
+        try:
+            layers.append(OmegaConf.create(base))
+        except OmegaConfBaseException as e:
+            raise UserError(_explain(e)) from None
     if path is not None:
         p = Path(path)
         if not p.is_file():

@@ -18,7 +18,6 @@ import json
 import math
 import os
 import random
-import shutil
 import sys
 import time
 import warnings
@@ -38,13 +37,21 @@ from wsld.data import DataInfo, build_datasets
 from wsld.data.sampling import ResumableSampler
 from wsld.errors import CheckpointError, UserError
 from wsld.losses import DistillLoss
-from wsld.models import build_model, load_state_dict_file
+from wsld.models import build_model, check_model_name, load_weights
 
-# keys that may differ between a run's saved config and the config of a resumed run
+# keys that may differ between a run's saved config and the config of a resumed run: where the
+# data lives, how fast it is read, how often we log or checkpoint, and speed options that do not
+# change what is computed beyond float rounding (docs/engine.md, "Resume")
 RESUME_SAFE_KEYS = {
     "data.data_path", "data.workers", "data.val_batch_size", "train.progress", "train.log_every",
-    "model.teacher_cache", "model.compile", "checkpoint.every_steps",
+    "model.teacher_cache", "model.compile", "model.channels_last", "checkpoint.every_steps",
 }  # fmt: skip
+
+# Test hook (docs/engine.md): WSLD_STOP_AFTER_STEPS=N makes the student run exit abruptly
+# (os._exit, no cleanup, like a crash) right after this process has taken N optimizer steps and
+# written any checkpoint due at that step. Used by the resume and reliability tests.
+STOP_AFTER_STEPS_ENV = "WSLD_STOP_AFTER_STEPS"
+STOP_EXIT_CODE = 99
 
 
 class TrainingDiverged(UserError):
@@ -111,10 +118,15 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
 
 
 def amp_dtype_for(amp: str, device: torch.device) -> Optional[torch.dtype]:
+    """Autocast dtype for ``train.amp``. ``auto``: bf16 on CUDA (fp16 + GradScaler on GPUs without
+    bf16), off on CPU. fp16 on CPU is refused: CPU autocast is meant for bf16 and a GradScaler is
+    only used on CUDA."""
     if amp == "auto":
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return None
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if amp == "fp16" and device.type != "cuda":
+        raise UserError("config key 'train.amp': fp16 needs a CUDA device; on CPU use train.amp=bf16 or off")
     return {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
 
 
@@ -400,25 +412,37 @@ def config_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
 # --------------------------------------------------------------------------- teacher
 
 
-def teacher_cache_key(cfg: Config) -> str:
-    d = to_dict(cfg)
-    relevant = {
-        "data": {k: v for k, v in d["data"].items() if k not in ("workers", "val_batch_size", "data_path")},
-        "teacher": cfg.model.teacher,
-        "teacher_train": d["teacher_train"],
-        "seed": cfg.train.seed,
-    }
-    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:12]
-
-
 def teacher_training_config(cfg: Config) -> Config:
-    """The config that trains the teacher with CE on the same data (same engine, same loader)."""
+    """The config that trains the teacher with CE on the same data (same engine, same loader).
+
+    Only what shapes the teacher is taken from ``cfg`` (data, teacher name, ``teacher_train``, the
+    optimiser family, seed, speed options); student-only keys are reset to their defaults, so
+    changing ``distill.T`` or the student neither retrains nor invalidates a cached teacher.
+    """
     tt = cfg.teacher_train
-    d = to_dict(cfg)
-    d["model"].update(student=cfg.model.teacher, student_weights=None, teacher_weights=None)
-    d["distill"].update(loss="ce", soft_labels=None)
+    src = to_dict(cfg)
+    d = to_dict(Config())
+    d["data"] = src["data"]
+    d["checkpoint"] = src["checkpoint"]
+    d["teacher_train"] = src["teacher_train"]
+    for k in ("sync_bn", "channels_last", "compile", "teacher_cache"):
+        d["model"][k] = src["model"][k]
+    d["model"].update(student=cfg.model.teacher, student_weights=None, teacher_weights=None, replace_head=False)
+    d["distill"].update(loss="ce")
+    for k in ("base_batch_size", "optimizer", "momentum", "nesterov", "wd_norm_bias", "step_size", "milestones",
+              "gamma", "grad_clip", "amp", "seed", "deterministic", "nan_policy", "log_every", "progress"):  # fmt: skip
+        d["train"][k] = src["train"][k]
     d["train"].update(epochs=tt.epochs, lr=tt.lr, weight_decay=tt.weight_decay, schedule=tt.schedule, ema_decay=0.0, warmup_epochs=0.0)
     return config_from_dict(d)
+
+
+def teacher_cache_key(cfg: Config) -> str:
+    """Hash of everything that changes the trained teacher (its training config minus resume-safe keys)."""
+    d = to_dict(teacher_training_config(cfg))
+    for dotted in RESUME_SAFE_KEYS:
+        section, key = dotted.split(".")
+        d[section].pop(key, None)
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def ensure_teacher(cfg: Config, rt: Runtime, log: Callable[[str], None]) -> str:
@@ -453,6 +477,23 @@ def ensure_teacher(cfg: Config, rt: Runtime, log: Callable[[str], None]) -> str:
 # --------------------------------------------------------------------------- the loop
 
 
+def make_loader(
+    dataset, sampler, batch_size: int, *, workers: int, device: torch.device, drop_last: bool, seed: int = 0,
+    collate_fn: Optional[Callable] = None,
+) -> DataLoader:
+    """A DataLoader over ``sampler`` that moves uint8 batches.
+
+    It gets its own generator: creating an iterator then draws its worker base seed from that
+    generator instead of from torch's global RNG, so evaluation or a resume does not shift the
+    global random stream that dropout and friends use (exact resume needs that).
+    """
+    return DataLoader(
+        dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate_fn or _collate(),
+        pin_memory=device.type == "cuda", drop_last=drop_last, persistent_workers=False,
+        prefetch_factor=4 if workers > 0 else None, generator=torch.Generator().manual_seed(seed),
+    )  # fmt: skip
+
+
 def _collate():
     try:
         from wsld.data.datasets import collate_skip_corrupt
@@ -465,6 +506,54 @@ def _collate():
             return images, targets, []
 
         return collate
+
+
+class EpochStats:
+    """Running sums of one epoch: the loss parts since the last metrics line and the per-class
+    WSLD weights. Saved in mid-epoch checkpoints, so a resumed run logs the same numbers."""
+
+    def __init__(self, num_classes: int, device: torch.device):
+        self.sums = torch.zeros(4, device=device, dtype=torch.float64)  # loss, hard, soft, weight_mean
+        self.n = 0
+        self.class_w_sum = torch.zeros(num_classes, device=device, dtype=torch.float64)
+        self.class_n = torch.zeros(num_classes, device=device, dtype=torch.float64)
+        self.lr = 0.0
+        self.reset_window()
+
+    def reset_window(self) -> None:
+        self.sums.zero_()
+        self.n = 0
+        self.imgs = 0
+        self.wait = 0.0
+        self.t0 = time.perf_counter()
+
+    def add(self, loss: Tensor, parts: dict[str, Tensor], y: Tensor) -> None:
+        self.sums += torch.stack([loss.double(), parts["hard"].double(), parts["soft"].double(), parts["weight_mean"].double()])
+        self.n += 1
+        sw = parts.get("sample_weight")
+        if sw is not None:
+            self.class_w_sum.index_add_(0, y, sw.double())
+            self.class_n.index_add_(0, y, torch.ones_like(sw, dtype=torch.float64))
+
+    def class_weights(self, rt: Runtime) -> Optional[list[float]]:
+        """Mean WSLD weight per class over the epoch (all ranks), None for losses without weights."""
+        w, n = self.class_w_sum, self.class_n
+        if rt.distributed:
+            w, n = w.clone(), n.clone()
+            dist.all_reduce(w)
+            dist.all_reduce(n)
+        if n.sum() <= 0:
+            return None
+        return (w / n.clamp_min(1)).cpu().tolist()
+
+    def state(self) -> dict[str, Any]:
+        return {"sums": self.sums.cpu(), "n": self.n, "class_w_sum": self.class_w_sum.cpu(), "class_n": self.class_n.cpu()}
+
+    def load(self, st: dict[str, Any]) -> None:
+        self.sums.copy_(st["sums"])
+        self.n = int(st["n"])
+        self.class_w_sum.copy_(st["class_w_sum"])
+        self.class_n.copy_(st["class_n"])
 
 
 class Trainer:
@@ -482,19 +571,25 @@ class Trainer:
             print(f"[wsld] {msg}", file=sys.stderr, flush=True)
 
     def _loader(self, dataset, sampler, batch_size: int, drop_last: bool, collate_fn: Optional[Callable] = None) -> DataLoader:
-        w = self.cfg.data.workers
-        return DataLoader(
-            dataset, batch_size=batch_size, sampler=sampler, num_workers=w, collate_fn=collate_fn or _collate(),
-            pin_memory=self.rt.device.type == "cuda", drop_last=drop_last,
-            persistent_workers=False, prefetch_factor=4 if w > 0 else None,
+        return make_loader(
+            dataset, sampler, batch_size, workers=self.cfg.data.workers, device=self.rt.device, drop_last=drop_last,
+            seed=self.cfg.train.seed, collate_fn=collate_fn,
         )  # fmt: skip
 
     def setup(self) -> None:
         cfg, rt = self.cfg, self.rt
         if cfg.data.batch_size % rt.world_size:
             raise UserError(
-                f"config key 'data.batch_size': global batch {cfg.data.batch_size} is not divisible by the {rt.world_size} processes"
+                f"config key 'data.batch_size': global batch {cfg.data.batch_size} is not divisible by the "
+                f"{rt.world_size} processes (give a multiple of {rt.world_size})"
             )
+        # cheap checks first: a typo must not cost a teacher training or a data scan
+        check_model_name(cfg.model.student, "model.student")
+        if cfg.distill.loss != "ce" and not cfg.distill.soft_labels:
+            check_model_name(cfg.model.teacher, "model.teacher")
+        self.amp_dtype = amp_dtype_for(cfg.train.amp, rt.device)
+        if cfg.model.sync_bn and rt.distributed and rt.device.type != "cuda":
+            raise UserError("config key 'model.sync_bn': SyncBatchNorm needs CUDA devices; set model.sync_bn=false on CPU")
         seed_everything(cfg.train.seed, cfg.train.deterministic)
         self.train_ds, self.val_ds, self.info = build_datasets(cfg.data, seed=cfg.train.seed)
         info: DataInfo = self.info
@@ -527,8 +622,7 @@ class Trainer:
         if self.teacher is not None:
             self.teacher.to(dev, memory_format=mf)
             set_teacher_bn_mode(self.teacher, cfg.model.teacher_bn_mode)
-        self.amp_dtype = amp_dtype_for(cfg.train.amp, dev)
-        self.scaler = torch.amp.GradScaler(dev.type) if self.amp_dtype == torch.float16 else None
+        self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None  # fp16 is CUDA-only
         self.base_lr = effective_lr(cfg)
         self.optimizer = build_optimizer(self.student, cfg, self.base_lr)
         for g in self.optimizer.param_groups:
@@ -578,11 +672,14 @@ class Trainer:
         self.train_loader = self._loader(self.train_ds, self.train_sampler, self.per_rank_batch, drop_last=True, collate_fn=train_collate)
         self.teacher_weights = teacher_weights
 
-    def _state(self, epoch: int, step_in_epoch: int, global_step: int) -> dict[str, Any]:
-        rngs = [rng_state()]
+    def _state(self, epoch: int, step_in_epoch: int, global_step: int, stats: Optional["EpochStats"] = None) -> dict[str, Any]:
+        # per-rank parts (RNG states, running sums), gathered to rank 0, which writes the file
+        mine = (rng_state(), stats.state() if stats is not None else None)
+        per_rank = [mine]
         if self.rt.distributed:
-            rngs = [None] * self.rt.world_size
-            dist.all_gather_object(rngs, rng_state())
+            per_rank = [None] * self.rt.world_size
+            dist.all_gather_object(per_rank, mine)
+        rngs = [r for r, _ in per_rank]
         return {
             "format": "wsld-checkpoint-1",
             "student": {k: v.detach().cpu() for k, v in self.student.state_dict().items()},
@@ -590,12 +687,14 @@ class Trainer:
             "num_classes": self.info.num_classes,
             "classes": list(self.info.classes),
             "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.sched.state_dict() if self.sched is not None else None,
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "ema": {k: v.detach().cpu() for k, v in self.ema.module.state_dict().items()} if self.ema is not None else None,
             "ema_n_averaged": int(self.ema.n_averaged.item()) if self.ema is not None else 0,
             "epoch": epoch,
             "step_in_epoch": step_in_epoch,
             "global_step": global_step,
+            "epoch_stats": [st for _, st in per_rank] if stats is not None else None,
             "best_top1": self.best_top1,
             "best_epoch": self.best_epoch,
             "teacher_eval": self.teacher_eval,
@@ -607,22 +706,25 @@ class Trainer:
             "config": to_dict(self.cfg),
         }
 
-    def _save(self, name: str, epoch: int, step_in_epoch: int, global_step: int) -> None:
-        state = self._state(epoch, step_in_epoch, global_step)  # collective: all ranks
+    def _save(self, names: tuple[str, ...], epoch: int, step_in_epoch: int, global_step: int, stats: Optional["EpochStats"] = None) -> None:
+        """Write the same state under each name, in order (collective: every rank calls it)."""
+        state = self._state(epoch, step_in_epoch, global_step, stats)
         if self.rt.is_main:
-            save_checkpoint(state, self.run_dir / name)
+            for name in names:
+                save_checkpoint(state, self.run_dir / name)
 
-    def _restore(self) -> tuple[int, int, int]:
-        ck = load_checkpoint(self.run_dir / "last.pt")
+    def _restore(self) -> tuple[int, int, int, int, Optional[dict]]:
+        path = self.run_dir / "last.pt"
+        ck = load_checkpoint(path)
         saved = ck.get("config", {})
         diff = [k for k in config_diff(saved, to_dict(self.cfg)) if k not in RESUME_SAFE_KEYS]
         if diff:
-            raise UserError(f"cannot resume {self.run_dir}: its checkpoint was trained with other values of {', '.join(diff)}")
+            raise UserError(f"cannot resume {self.run_dir}: its checkpoint was trained with other values of {', '.join(diff)} (start a new run instead)")
+        load_weights(self.student, ck["student"], str(path), self.cfg.model.student)
         try:
-            self.student.load_state_dict(ck["student"])
-        except RuntimeError as e:
-            raise CheckpointError(f"{self.run_dir / 'last.pt'} does not fit student '{self.cfg.model.student}': {str(e).splitlines()[0]}") from None
-        self.optimizer.load_state_dict(ck["optimizer"])
+            self.optimizer.load_state_dict(ck["optimizer"])
+        except (ValueError, KeyError) as e:
+            raise CheckpointError(f"{path}: optimizer state does not fit this run ({e})") from None
         if self.scaler is not None and ck.get("scaler"):
             self.scaler.load_state_dict(ck["scaler"])
         if self.ema is not None and ck.get("ema") is not None:
@@ -632,40 +734,53 @@ class Trainer:
         self.teacher_eval = ck.get("teacher_eval")
         self.skipped_steps = ck.get("skipped_steps", 0)
         self.corrupt_count = ck.get("corrupt_count", 0)
-        self._metrics_lines = ck.get("metrics_lines")
         rngs = ck.get("rng") or []
         if rngs:
             set_rng_state(rngs[self.rt.rank] if self.rt.rank < len(rngs) else rngs[0])
-        return ck["epoch"], ck["step_in_epoch"], ck["global_step"]
+        if ck.get("world_size", 1) != self.rt.world_size:
+            self.say(f"resuming a {ck.get('world_size', 1)}-process run with {self.rt.world_size} processes: same global batches, equal to float rounding only")
+        stats = ck.get("epoch_stats")
+        if stats and len(stats) != self.rt.world_size:
+            stats = None  # other world size: the partial epoch's running sums start over
+        return ck["epoch"], ck["step_in_epoch"], ck["global_step"], int(ck.get("metrics_lines") or 0), stats[self.rt.rank] if stats else None
 
     def _estimated_checkpoint_bytes(self) -> int:
         n = sum(p.numel() * p.element_size() for p in self.student.parameters())
         return int(n * (3 + (1 if self.ema is not None else 0))) + (1 << 20)
+
+    def _evaluate_all(self, progress: bool) -> tuple[dict, Optional[dict]]:
+        C = self.info.num_classes
+        res = evaluate(self.student, self.val_loader, self.normalize, C, self.rt, self.amp_dtype, progress, "eval")
+        ema = None
+        if self.ema is not None:
+            ema = evaluate(self.ema.module, self.val_loader, self.normalize, C, self.rt, self.amp_dtype, progress, "eval ema")
+        return res, ema
 
     def fit(self) -> dict[str, Any]:
         from tqdm import tqdm
 
         cfg, rt = self.cfg, self.rt
         self.setup()
+        self.sched = None
         self.best_top1, self.best_epoch = -1.0, -1
         self.teacher_eval: Optional[dict] = None
         self.skipped_steps = 0
         self.corrupt_count = 0
-        self._metrics_lines = None
-        start_epoch, start_step, global_step = 0, 0, 0
+        start_epoch, start_step, global_step, metrics_lines = 0, 0, 0, 0
+        saved_stats: Optional[dict] = None
         if self.resume and not (self.run_dir / "last.pt").is_file():
             self.say(f"{self.run_dir} holds no checkpoint yet: starting it from the beginning")
             self.resume = False
-            self._metrics_lines = 0
         if self.resume:
-            start_epoch, start_step, global_step = self._restore()
+            start_epoch, start_step, global_step, metrics_lines, saved_stats = self._restore()
         # everything validated: now the run directory may be created
         if rt.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             write_probe(self.run_dir, self._estimated_checkpoint_bytes())
             atomic_write_text(self.run_dir / "config.yaml", to_yaml(cfg))
         barrier(rt)
-        self.metrics = MetricsLog(self.run_dir, rt.is_main, purge_step=global_step if self.resume else None, keep_lines=self._metrics_lines)
+        # a fresh run empties metrics.jsonl and TensorBoard; a resumed one drops what came after its checkpoint
+        self.metrics = MetricsLog(self.run_dir, rt.is_main, purge_step=global_step + 1 if self.resume else 0, keep_lines=metrics_lines)
         progress = cfg.train.progress and rt.is_main
         self.say(
             f"{self.role}: {cfg.model.student} on {cfg.data.dataset} ({len(self.train_ds)} train / {len(self.val_ds)} val, "
@@ -677,127 +792,122 @@ class Trainer:
             self.metrics.write({
                 "kind": "start", "role": self.role, "loss": cfg.distill.loss, "student": cfg.model.student,
                 "teacher": cfg.model.teacher if self.teacher is not None else None,
+                "teacher_weights": self.teacher_weights,
                 "teacher_bn_mode": cfg.model.teacher_bn_mode if self.teacher is not None else None,
                 "world_size": rt.world_size, "lr": self.base_lr, "steps_per_epoch": self.steps_per_epoch,
                 "amp": str(self.amp_dtype), "channels_last": self.channels_last, "global_step": 0,
             })  # fmt: skip
+        else:
+            self.say(f"resuming {self.run_dir} at epoch {start_epoch + 1}, step {start_step} (global step {global_step})")
+            self.metrics.write({"kind": "resume", "epoch": start_epoch + 1, "step": start_step, "global_step": global_step, "world_size": rt.world_size})
         if self.teacher is not None and self.teacher_eval is None:
             self.teacher_eval = evaluate(self.teacher, self.val_loader, self.normalize, self.info.num_classes, rt, self.amp_dtype, progress, "teacher eval")
             set_teacher_bn_mode(self.teacher, cfg.model.teacher_bn_mode)
             self.say(f"teacher top-1 {self.teacher_eval['top1']:.2f}  top-5 {self.teacher_eval['top5']:.2f}")
             self.metrics.write({"kind": "teacher_eval", "global_step": global_step, **self.teacher_eval}, step=0)
 
-        total_steps = cfg.train.epochs * self.steps_per_epoch
         warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
-        sched = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(cfg, s / self.steps_per_epoch))
-        sched.last_epoch = global_step - 1
-        sched.step()  # lr for global_step
+        # the schedule is a pure function of the global step: restoring the step restores the lr
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(cfg, s / self.steps_per_epoch))
+        self.sched.last_epoch = global_step - 1
+        self.sched.step()  # lr for global_step
         self.student.train()
         C = self.info.num_classes
         last_eval: Optional[dict] = None
         last_ema_eval: Optional[dict] = None
+        stop_after = int(os.environ.get(STOP_AFTER_STEPS_ENV) or 0) if self.role == "student" else 0
+        steps_here = 0
         for epoch in range(start_epoch, cfg.train.epochs):
             first = start_step if epoch == start_epoch else 0
             self.train_sampler.set_epoch(epoch, first)
-            class_w_sum = torch.zeros(C, device=rt.device, dtype=torch.float64)
-            class_n = torch.zeros(C, device=rt.device, dtype=torch.float64)
-            acc = {"loss": 0.0, "hard": 0.0, "soft": 0.0, "weight_mean": 0.0, "n": 0}
-            sums = torch.zeros(4, device=rt.device, dtype=torch.float64)
-            n_acc = 0
-            t_window = time.perf_counter()
-            wait = 0.0
-            imgs_window = 0
+            stats = EpochStats(C, rt.device)
+            if epoch == start_epoch and saved_stats is not None:
+                stats.load(saved_stats)
             bar = tqdm(total=self.steps_per_epoch, initial=first, desc=f"{self.role} epoch {epoch + 1}/{cfg.train.epochs}",
                        disable=not progress, mininterval=1.0, leave=False, dynamic_ncols=True)  # fmt: skip
             t_wait = time.perf_counter()
             step = first
             for images, targets, bad, *extra in self.train_loader:
-                wait += time.perf_counter() - t_wait
+                stats.wait += time.perf_counter() - t_wait
                 if bad:
                     self._handle_corrupt(bad, epoch, step)
-                if images.shape[0] == 0:
-                    t_wait = time.perf_counter()
-                    step += 1
-                    global_step += 1
-                    sched.step()
-                    continue
-                x = self.normalize(images)
-                y = targets.to(rt.device, non_blocking=True)
-                loss, parts = train_step(self.ctx, x, y, extra[0] if extra else None)
-                if loss is None:
-                    self._non_finite(epoch, step, global_step)
+                lr_used = self.optimizer.param_groups[0]["lr"]
+                if self._batch_is_empty(images):  # every image of the batch was corrupt (on some rank)
+                    pass
                 else:
-                    if self.ema is not None:
-                        self.ema.update_parameters(self.student)
-                    sums += torch.stack([loss.double(), parts["hard"].double(), parts["soft"].double(), parts["weight_mean"].double()])
-                    n_acc += 1
-                    sw = parts.get("sample_weight")
-                    if sw is not None:
-                        class_w_sum.index_add_(0, y, sw.double())
-                        class_n.index_add_(0, y, torch.ones_like(sw, dtype=torch.float64))
+                    x = self.normalize(images)
+                    y = targets.to(rt.device, non_blocking=True)
+                    loss, parts = train_step(self.ctx, x, y, extra[0] if extra else None)
+                    if loss is None:
+                        self._non_finite(epoch, step, global_step)
+                    else:
+                        if self.ema is not None:
+                            self.ema.update_parameters(self.student)
+                        stats.add(loss, parts, y)
                 step += 1
                 global_step += 1
-                sched.step()
-                imgs_window += images.shape[0] * rt.world_size
+                steps_here += 1
+                self.sched.step()
+                stats.imgs += images.shape[0] * rt.world_size
+                stats.lr = lr_used
                 bar.update(1)
-                if cfg.train.log_every and global_step % cfg.train.log_every == 0 and n_acc:
-                    rec = self._train_record(sums, n_acc, epoch, step, global_step, imgs_window, t_window, wait)
+                if cfg.train.log_every and global_step % cfg.train.log_every == 0 and stats.n:
+                    rec = self._train_record(stats, epoch, step, global_step)
                     bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{rec['lr']:.3g}")
-                    sums.zero_(); n_acc = 0; imgs_window = 0; wait = 0.0; t_window = time.perf_counter()  # noqa: E702
                 if cfg.checkpoint.every_steps and global_step % cfg.checkpoint.every_steps == 0 and step < self.steps_per_epoch:
-                    self._save("last.pt", epoch, step, global_step)
+                    self._save(("last.pt",), epoch, step, global_step, stats)
+                if stop_after and steps_here >= stop_after:
+                    self._simulated_crash(global_step)
                 t_wait = time.perf_counter()
             bar.close()
-            if n_acc:
-                self._train_record(sums, n_acc, epoch, step, global_step, imgs_window, t_window, wait)
-            if rt.distributed:
-                dist.all_reduce(class_w_sum)
-                dist.all_reduce(class_n)
-            if class_n.sum() > 0:
-                cw = (class_w_sum / class_n.clamp_min(1)).cpu().tolist()
-                self.metrics.write({"kind": "class_weights", "epoch": epoch + 1, "global_step": global_step, "mean_weight": cw})
+            if stats.n:
+                self._train_record(stats, epoch, step, global_step)
+            class_w = stats.class_weights(rt)
+            if class_w is not None:
+                self.metrics.write({"kind": "class_weights", "epoch": epoch + 1, "global_step": global_step, "mean_weight": class_w})
             is_last = epoch + 1 == cfg.train.epochs
+            names: tuple[str, ...] = ("last.pt",)
             if (epoch + 1) % cfg.train.eval_every == 0 or is_last:
-                last_eval = evaluate(self.student, self.val_loader, self.normalize, C, rt, self.amp_dtype, progress, "eval")
+                last_eval, last_ema_eval = self._evaluate_all(progress)
                 rec = {"kind": "eval", "epoch": epoch + 1, "global_step": global_step, **last_eval}
-                if self.ema is not None:
-                    last_ema_eval = evaluate(self.ema.module, self.val_loader, self.normalize, C, rt, self.amp_dtype, progress, "eval ema")
+                if last_ema_eval is not None:
                     rec.update({"ema_top1": last_ema_eval["top1"], "ema_top5": last_ema_eval["top5"]})
                 self.metrics.write(rec, step=global_step)
-                improved = last_eval["top1"] > self.best_top1
-                if improved:
+                if last_eval["top1"] > self.best_top1:
                     self.best_top1, self.best_epoch = last_eval["top1"], epoch + 1
+                    # best.pt before last.pt: a crash in between redoes this epoch and rewrites both
+                    names = ("best.pt", "last.pt")
                 self.say(
                     f"{self.role} epoch {epoch + 1}/{cfg.train.epochs}: top-1 {last_eval['top1']:.2f} top-5 {last_eval['top5']:.2f}"
                     + (f" (EMA {last_ema_eval['top1']:.2f})" if last_ema_eval else "")
                     + f"  best {self.best_top1:.2f} @ epoch {self.best_epoch}"
                 )
-                self._save("last.pt", epoch + 1, 0, global_step)
-                if improved and rt.is_main:
-                    shutil.copyfile(self.run_dir / "last.pt", self.run_dir / ".best.pt.tmp")
-                    os.replace(self.run_dir / ".best.pt.tmp", self.run_dir / "best.pt")
-            else:
-                self._save("last.pt", epoch + 1, 0, global_step)
+            self._save(names, epoch + 1, 0, global_step)
         if last_eval is None:  # resumed after the final epoch had finished
-            last_eval = evaluate(self.student, self.val_loader, self.normalize, C, rt, self.amp_dtype, progress, "eval")
+            last_eval, last_ema_eval = self._evaluate_all(progress)
         summary = {
             "role": self.role,
             "loss": cfg.distill.loss,
             "student": cfg.model.student,
             "teacher": cfg.model.teacher if self.teacher is not None else None,
+            "teacher_bn_mode": cfg.model.teacher_bn_mode if self.teacher is not None else None,
             "epochs": cfg.train.epochs,
             "last_top1": last_eval["top1"],
             "last_top5": last_eval["top5"],
             "last_per_class_top1": last_eval["per_class_top1"],
+            "last_checkpoint": "last.pt",
             "best_top1": self.best_top1,
             "best_epoch": self.best_epoch,
+            "best_checkpoint": "best.pt",
             "ema_last_top1": last_ema_eval["top1"] if last_ema_eval else None,
+            "ema_last_top5": last_ema_eval["top5"] if last_ema_eval else None,
             "teacher_top1": self.teacher_eval["top1"] if self.teacher_eval else None,
             "teacher_top5": self.teacher_eval["top5"] if self.teacher_eval else None,
             "teacher_per_class_top1": self.teacher_eval["per_class_top1"] if self.teacher_eval else None,
             "skipped_steps": self.skipped_steps,
             "corrupt_images": self.corrupt_count,
             "global_step": global_step,
+            "world_size": rt.world_size,
             "run_dir": str(self.run_dir),
         }
         self.metrics.write({"kind": "summary", **summary})
@@ -807,19 +917,41 @@ class Trainer:
         barrier(rt)
         return summary
 
-    def _train_record(self, sums: Tensor, n: int, epoch: int, step: int, global_step: int, imgs: int, t0: float, wait: float) -> dict:
+    def _batch_is_empty(self, images: Tensor) -> bool:
+        """Under DDP all ranks must skip together, or the others would wait in backward forever."""
+        n = images.shape[0]
+        if not self.rt.distributed:
+            return n == 0
+        t = torch.tensor([n], device=self.rt.device, dtype=torch.int64)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        return int(t.item()) == 0
+
+    def _simulated_crash(self, global_step: int) -> None:
+        """The WSLD_STOP_AFTER_STEPS test hook: leave like a crash (no summary, no cleanup).
+
+        Under DDP the ranks first meet at a barrier, so rank 0 has finished writing the checkpoint
+        due at this step and the hook always stops the run at the same point."""
+        self.say(f"{STOP_AFTER_STEPS_ENV}: stopping abruptly after global step {global_step} (test hook)")
+        barrier(self.rt)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(STOP_EXIT_CODE)
+
+    def _train_record(self, stats: "EpochStats", epoch: int, step: int, global_step: int) -> dict:
+        sums = stats.sums
         if self.rt.distributed:
             sums = sums.clone()
             dist.all_reduce(sums)
             sums /= self.rt.world_size
-        vals = (sums / n).tolist()
-        dt = max(1e-9, time.perf_counter() - t0)
+        vals = (sums / stats.n).tolist()
+        dt = max(1e-9, time.perf_counter() - stats.t0)
         rec = {
             "kind": "train", "epoch": epoch + 1, "step": step, "global_step": global_step,
             "loss": vals[0], "hard": vals[1], "soft": vals[2], "weight_mean": vals[3],
-            "lr": self.optimizer.param_groups[0]["lr"], "img_per_s": imgs / dt, "data_wait_frac": min(1.0, wait / dt),
+            "lr": stats.lr, "img_per_s": stats.imgs / dt, "data_wait_frac": min(1.0, stats.wait / dt),
         }  # fmt: skip
         self.metrics.write(rec, step=global_step)
+        stats.reset_window()
         return rec
 
     def _handle_corrupt(self, bad: list, epoch: int, step: int) -> None:
@@ -844,8 +976,11 @@ class Trainer:
 
 
 def run_training(cfg: Config, run_dir: Path | str, resume: bool = False) -> dict[str, Any]:
+    """Train (or resume) one run; under torchrun every process calls this with the same arguments."""
     rt = setup_runtime()
     try:
+        # rank 0's folder wins: a default timestamped name may differ by a second between ranks
+        run_dir = broadcast_object(rt, str(run_dir))
         return Trainer(cfg, Path(run_dir), rt, resume=resume).fit()
     finally:
         if rt.distributed and dist.is_initialized():

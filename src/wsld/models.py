@@ -100,8 +100,37 @@ def _timm():
         return None
 
 
-def _is_weight_file(weights: str) -> bool:
-    return weights.endswith((".pt", ".pth", ".safetensors", ".bin")) or os.sep in weights or Path(weights).exists()
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return (text.splitlines()[0] if text else type(e).__name__)[:200]
+
+
+def check_model_name(name: str, key: str) -> str:
+    """Which family ``name`` belongs to (``local``, ``torchvision``, ``timm``); UserError if none.
+
+    Cheap (no model is built), so a typo stops a run before a teacher is trained or data is read.
+    """
+    if name in LOCAL_MODELS:
+        return "local"
+    if name in _torchvision_names():
+        return "torchvision"
+    timm = _timm()
+    if timm is not None and (name.startswith("timm/") or name in timm.list_models()):
+        return "timm"
+    hint = "" if timm is not None else " (timm models need: pip install 'wsld[timm]')"
+    raise UserError(
+        f"config key '{key}': unknown model '{name}': use one of {', '.join(LOCAL_MODELS)}, a torchvision "
+        f"classification model name (resnet18, resnet34, ...) or a timm model name{hint}"
+    )
+
+
+def is_weight_file(weights: str) -> bool:
+    """A weights value names a file (vs a torchvision enum name such as ``IMAGENET1K_V1``).
+
+    Enum names never hold a dot or a slash, so ``teacher.ckpt`` or ``./w`` is taken as a file
+    (and reported as missing if it is not there) rather than as an unknown enum name.
+    """
+    return "." in weights or "/" in weights or os.sep in weights or Path(weights).exists()
 
 
 def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
@@ -118,20 +147,19 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
         try:
             return load_file(str(p))
         except Exception as e:
-            raise CheckpointError(f"{p} is not a readable safetensors file ({str(e).splitlines()[0]})") from None
+            raise CheckpointError(f"{p} is not a readable safetensors file ({_first_line(e)})") from None
     try:
         obj = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(
-            f"{p} is not a loadable weights file (refused or unreadable with weights_only=True: {first[:200]})"
+            f"{p} is not a loadable weights file (refused or unreadable with weights_only=True: {_first_line(e)})"
         ) from None
     if isinstance(obj, dict):
         for key in ("student", "model", "state_dict"):
             if key in obj and isinstance(obj[key], dict):
                 obj = obj[key]
                 break
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f"{p} holds no state dict of tensors (expected weights or a wsld checkpoint)")
     return {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in obj.items()}
 
@@ -152,14 +180,16 @@ def num_outputs(model: nn.Module) -> int:
 
 
 def replace_head(model: nn.Module, num_classes: int) -> nn.Module:
+    """Put a fresh ``num_classes``-way Linear in place of the classifier (same input width)."""
     name, old = classifier_head(model)
     parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
-    setattr(parent, name.rsplit(".", 1)[-1], nn.Linear(old.in_features, num_classes, bias=old.bias is not None))
+    new = nn.Linear(old.in_features, num_classes, bias=old.bias is not None)
+    setattr(parent, name.rsplit(".", 1)[-1], new.to(device=old.weight.device, dtype=old.weight.dtype))
     return model
 
 
-def _load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str, arch: str) -> None:
-    missing, unexpected = [], []
+def load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str, arch: str) -> None:
+    """Strict load with one clear line when ``state`` comes from another architecture."""
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
@@ -173,8 +203,30 @@ def _load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str, ar
         if shape_bad:
             k = shape_bad[0]
             detail.append(f"{len(shape_bad)} of other shape (e.g. {k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)})")
-        raise CheckpointError(f"{source} does not fit model '{arch}': {'; '.join(detail)}")
+        raise CheckpointError(
+            f"{source} does not fit model '{arch}' (is it a checkpoint of another architecture?): {'; '.join(detail)}"
+        )
     model.load_state_dict(state)
+
+
+def _torchvision_model(name: str, num_classes: int, enum_name: Optional[str], key: str) -> nn.Module:
+    import torchvision
+
+    if not enum_name:
+        return torchvision.models.get_model(name, num_classes=num_classes)
+    weights_enum = torchvision.models.get_model_weights(name)
+    try:
+        w = weights_enum[enum_name]
+    except KeyError:
+        allowed = [m.name for m in weights_enum] + ["DEFAULT"]
+        raise UserError(f"config key '{key}_weights': '{enum_name}' is not a weight of {name} (allowed: {', '.join(allowed)})") from None
+    try:
+        return torchvision.models.get_model(name, weights=w)
+    except Exception as e:  # offline: the download fails
+        raise UserError(
+            f"config key '{key}_weights': could not load {name} {enum_name} ({_first_line(e)[:160]}); "
+            f"without network, download it once into the torch hub cache ($TORCH_HOME) or give a local file"
+        ) from None
 
 
 def build_model(
@@ -186,70 +238,54 @@ def build_model(
     replace_head_if_needed: bool = False,
     role: str = "model",
 ) -> nn.Module:
-    """Build ``name`` for ``num_classes`` outputs, optionally with weights (enum name or file)."""
-    weight_file = weights if weights and _is_weight_file(weights) else None
-    enum_name = weights if weights and not weight_file else None
-    key = f"model.{role}"
-    if name in LOCAL_MODELS:
-        if enum_name:
-            raise UserError(f"{key}_weights: '{name}' has no pretrained weights by name; give a weight file")
-        n = _file_classes(weight_file, num_classes) if weight_file else num_classes
-        model = LOCAL_MODELS[name](num_classes=n, in_channels=in_channels)
-    elif name in _torchvision_names():
-        import torchvision
+    """Build ``name`` for ``num_classes`` outputs, optionally with weights (enum name or file).
 
+    A weight file whose classifier has another class count builds a model of that count (so the
+    weights load); then, if it still differs from the data's count, the head is replaced only when
+    ``replace_head_if_needed`` (students; a teacher with a random head would teach nothing).
+    """
+    key = f"model.{role}"
+    family = check_model_name(name, key)
+    weight_file = weights if weights and is_weight_file(weights) else None
+    enum_name = weights if weights and not weight_file else None
+    state = load_state_dict_file(weight_file) if weight_file else None
+    if family == "local":
         if enum_name:
-            try:
-                w = torchvision.models.get_model_weights(name)[enum_name]
-            except KeyError:
-                allowed = [m.name for m in torchvision.models.get_model_weights(name)]
-                raise UserError(f"{key}_weights: '{enum_name}' is not a weight of {name} ({', '.join(allowed)})") from None
-            try:
-                model = torchvision.models.get_model(name, weights=w)
-            except Exception as e:  # offline: the download fails
-                raise UserError(
-                    f"{key}_weights: could not load {name} {enum_name} ({str(e).splitlines()[0][:160]}); "
-                    f"without network, download it once into the torch hub cache or give a local file"
-                ) from None
-        else:
-            model = torchvision.models.get_model(name, num_classes=num_classes if weight_file is None else _file_classes(weight_file, num_classes))
+            raise UserError(f"config key '{key}_weights': '{name}' has no pretrained weights by name ('{enum_name}'); give a weight file")
+        model = LOCAL_MODELS[name](num_classes=num_classes, in_channels=in_channels)
+    elif family == "torchvision":
         if in_channels != 3:
-            raise UserError(f"{key}: torchvision model '{name}' expects 3-channel images, data has {in_channels}")
+            raise UserError(f"config key '{key}': torchvision model '{name}' expects 3-channel images, the data has {in_channels}")
+        model = _torchvision_model(name, num_classes, enum_name, key)
     else:
         timm = _timm()
         tname = name.removeprefix("timm/")
-        if timm is not None and (name.startswith("timm/") or tname in timm.list_models()):
-            try:
-                model = timm.create_model(
-                    tname, pretrained=bool(enum_name), num_classes=num_classes if not enum_name else None, in_chans=in_channels
-                ) if not enum_name else timm.create_model(tname, pretrained=True, in_chans=in_channels)
-            except Exception as e:
-                raise UserError(f"{key}: could not build timm model '{tname}' ({str(e).splitlines()[0][:160]})") from None
-        else:
-            hint = "" if timm is not None else " (timm models need: pip install 'wsld[timm]')"
-            raise UserError(
-                f"{key}: unknown model '{name}': use one of {', '.join(LOCAL_MODELS)}, a torchvision model name "
-                f"(resnet18, resnet34, ...) or a timm model name{hint}"
-            )
-    if weight_file:
-        state = load_state_dict_file(weight_file)
-        _load_into(model, state, weight_file, name)
+        try:
+            if enum_name:  # timm picks weights by the tag in the model name (resnet50.a1_in1k)
+                model = timm.create_model(tname, pretrained=True, in_chans=in_channels)
+            else:
+                model = timm.create_model(tname, pretrained=False, num_classes=num_classes, in_chans=in_channels)
+        except Exception as e:
+            raise UserError(f"config key '{key}': could not build timm model '{tname}' ({_first_line(e)[:160]})") from None
+    if state is not None:
+        head_name, head = classifier_head(model)
+        file_head = state.get(f"{head_name}.weight")
+        if file_head is not None and file_head.ndim == 2 and file_head.shape[0] != head.out_features:
+            replace_head(model, int(file_head.shape[0]))
+        load_weights(model, state, str(weight_file), name)
     out = num_outputs(model)
     if out != num_classes:
+        source = f" (from {weights})" if weights else ""
+        if role == "teacher":
+            raise UserError(
+                f"model.teacher '{name}'{source} has {out} outputs but the data has {num_classes} classes: a teacher "
+                f"must be trained on the same classes (give a teacher for this data, or model.teacher_weights=null "
+                f"to train one first)"
+            )
         if not replace_head_if_needed:
             raise UserError(
-                f"model.{role} '{name}' has {out} outputs but the data has {num_classes} classes: "
+                f"model.{role} '{name}'{source} has {out} outputs but the data has {num_classes} classes: "
                 f"set model.replace_head=true to put a new {num_classes}-way head on it"
             )
         replace_head(model, num_classes)
     return model
-
-
-def _file_classes(weight_file: str, default: int) -> int:
-    """Class count of a weight file's classifier (so a 1000-class file builds a 1000-class model)."""
-    state = load_state_dict_file(weight_file)
-    last = None
-    for k, v in state.items():
-        if k.endswith("weight") and v.ndim == 2:
-            last = v
-    return int(last.shape[0]) if last is not None else default

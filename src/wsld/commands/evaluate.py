@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 
@@ -18,23 +19,25 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     p.add_argument("--config", help="YAML config describing data and model (default: the checkpoint's own)")
     p.add_argument("--ema", action="store_true", help="evaluate the EMA weights stored in the checkpoint")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, extra_args_dest="overrides")
 
 
 def run(args: argparse.Namespace) -> int:
-    from omegaconf import OmegaConf
-
     from wsld.checkpoint import load_checkpoint
-    from wsld.config import config_from_dict, load_config, to_dict
+    from wsld.config import load_config
     from wsld.data import build_datasets
-    from wsld.engine import BatchNormalizer, Trainer, amp_dtype_for, evaluate, setup_runtime, use_channels_last
+    from wsld.data.sampling import ResumableSampler
+    from wsld.engine import BatchNormalizer, amp_dtype_for, evaluate, make_loader, setup_runtime, use_channels_last
     from wsld.errors import CheckpointError, UserError
-    from wsld.models import build_model, load_state_dict_file
+    from wsld.models import build_model, check_model_name, load_state_dict_file, load_weights
 
     path = Path(args.checkpoint)
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path}")
+    where = ""
     if path.suffix == ".safetensors":
+        if args.ema:
+            raise UserError("--ema needs a wsld checkpoint (.pt); a .safetensors file holds one set of weights")
         state = load_state_dict_file(path)
         cfg_path = Path(args.config) if args.config else path.parent / "config.yaml"
         if not cfg_path.is_file():
@@ -51,35 +54,31 @@ def run(args: argparse.Namespace) -> int:
         if args.config:
             cfg = load_config(args.config, args.overrides)
         else:
-            base = config_from_dict(ck["config"])
-            cfg = load_config(None, _dotlist(to_dict(base)) + list(args.overrides))
+            cfg = load_config(None, args.overrides, base=ck.get("config"))
+        where = f", epoch {ck.get('epoch')}" + (f" step {ck['step_in_epoch']}" if ck.get("step_in_epoch") else "")
+    check_model_name(cfg.model.student, "model.student")
     rt = setup_runtime()
     _, val, info = build_datasets(cfg.data, seed=cfg.train.seed)
-    model = build_model(cfg.model.student, info.num_classes, in_channels=info.in_channels, replace_head_if_needed=cfg.model.replace_head, role="student")
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        raise CheckpointError(f"{path} does not fit student '{cfg.model.student}': {str(e).splitlines()[0]}") from None
+    model = build_model(
+        cfg.model.student, info.num_classes, in_channels=info.in_channels, replace_head_if_needed=cfg.model.replace_head, role="student"
+    )
+    load_weights(model, state, str(path), cfg.model.student)
     model.to(rt.device)
-    trainer = Trainer(cfg, Path("."), rt)
-    from wsld.data.sampling import ResumableSampler
-
-    bs = cfg.data.val_batch_size or cfg.data.batch_size
-    loader = trainer._loader(val, ResumableSampler(len(val), batch_size=bs, shuffle=False, pad=False, with_seeds=False), bs, False)
+    bs = max(1, (cfg.data.val_batch_size or cfg.data.batch_size) // rt.world_size)
+    sampler = ResumableSampler(len(val), batch_size=bs, shuffle=False, rank=rt.rank, world_size=rt.world_size, pad=False, with_seeds=False)
+    loader = make_loader(val, sampler, bs, workers=cfg.data.workers, device=rt.device, drop_last=False, seed=cfg.train.seed)
     norm = BatchNormalizer(info.mean, info.std, rt.device, use_channels_last(cfg, rt.device))
-    res = evaluate(model, loader, norm, info.num_classes, rt, amp_dtype_for(cfg.train.amp, rt.device), cfg.train.progress, "eval")
-    print(f"{path}: {cfg.model.student} on {cfg.data.dataset} {cfg.data.val_split} ({res['count']} images): "
-          f"top-1 {res['top1']:.2f}  top-5 {res['top5']:.2f}")
+    try:
+        res = evaluate(model, loader, norm, info.num_classes, rt, amp_dtype_for(cfg.train.amp, rt.device), cfg.train.progress, "eval")
+    finally:
+        if rt.distributed:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+    if int(os.environ.get("RANK", "0")) == 0:
+        which = "EMA weights" if args.ema else "student"
+        print(
+            f"{path} ({which}{where}): {cfg.model.student} on {cfg.data.dataset} {cfg.data.val_split} "
+            f"({res['count']} images): top-1 {res['top1']:.2f}  top-5 {res['top5']:.2f}"
+        )
     return 0
-
-
-def _dotlist(d: dict, prefix: str = "") -> list[str]:
-    import json
-
-    out = []
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out += _dotlist(v, f"{prefix}{k}.")
-        else:
-            out.append(f"{prefix}{k}={json.dumps(v) if not isinstance(v, str) else v}")
-    return out

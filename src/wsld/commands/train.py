@@ -41,7 +41,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="continue the run in RUN_DIR from its last checkpoint (mid-epoch included); overrides may only change "
         "keys that do not alter the result (data.data_path, data.workers, train.progress, ...)",
     )  # fmt: skip
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, extra_args_dest="args")
 
 
 def run(args: argparse.Namespace) -> int:
