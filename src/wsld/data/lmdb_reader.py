@@ -1,0 +1,290 @@
+"""Reading packed LMDBs: wsld's own format and the reference tool's.
+
+wsld format (written by ``wsld data pack``, ``FORMAT_VERSION`` 1), one LMDB per split:
+
+- ``b"%010d" % i`` -> ``msgpack {"path": str, "label": int, "data": bin}``: sample ``i``, its path
+  relative to the split folder, its label, and the image file's original bytes (or a JPEG
+  re-encoded at the packed size when packed with ``--resize-short``).
+- ``__wsld_meta__`` -> ``msgpack {"format": "wsld-lmdb", "version", "split", "classes", "count",
+  "labels": bin (int32 little-endian, one per sample), "list_sha256", "resize_short", ...}``,
+  written first, so that an interrupted pack can be resumed.
+- ``__wsld_progress__`` -> number of samples committed (a prefix ``0..n-1``), updated with each
+  write transaction.
+- ``__wsld_complete__`` -> ``msgpack {"count": n}``, written last. Without it the LMDB is an
+  interrupted pack, and training refuses it.
+
+Reference tool's format (SPEC section 3): no metadata; keys are the lines of ``<split>_datalist``
+(``classfolder/filename``) beside the LMDB folder, which also give the sample order; values are
+``msgpack bin(jpeg_bytes + label as uint16 little-endian)``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import lmdb
+import msgpack
+import numpy as np
+
+from wsld.data.strtable import StringTable
+from wsld.errors import DataError
+
+FORMAT_NAME = "wsld-lmdb"
+FORMAT_VERSION = 1
+META_KEY = b"__wsld_meta__"
+PROGRESS_KEY = b"__wsld_progress__"
+COMPLETE_KEY = b"__wsld_complete__"
+DATALIST_SUFFIX = "_datalist"
+REPACK_HINT = "re-run 'wsld data pack' with the same arguments to finish it"
+
+
+def record_key(i: int) -> bytes:
+    return b"%010d" % i
+
+
+def encode_record(path: str, label: int, data: bytes) -> bytes:
+    return msgpack.packb({"path": path, "label": int(label), "data": data}, use_bin_type=True)
+
+
+class RecordError(Exception):
+    """A stored record that cannot be read (missing key, bad encoding)."""
+
+
+def decode_record(value) -> tuple[str, int, bytes]:
+    """``(path, label, image bytes)`` of a wsld record."""
+    try:
+        rec = msgpack.unpackb(value, raw=False)
+        return rec["path"], int(rec["label"]), rec["data"]
+    except Exception as e:  # noqa: BLE001 - any malformed value
+        raise RecordError(f"malformed record ({type(e).__name__}: {e})") from None
+
+
+def decode_reference_value(value) -> tuple[bytes, int]:
+    """``(jpeg bytes, label)`` of a reference-tool value: msgpack bin whose last 2 bytes are the label."""
+    try:
+        payload = msgpack.unpackb(value, raw=True)
+    except Exception as e:  # noqa: BLE001
+        raise RecordError(f"malformed value ({type(e).__name__}: {e})") from None
+    if not isinstance(payload, bytes) or len(payload) < 2:
+        raise RecordError("malformed value (expected a msgpack bin of image bytes + 2-byte label)")
+    return payload[:-2], int.from_bytes(payload[-2:], "little")
+
+
+def is_lmdb_dir(path: str | Path) -> bool:
+    return (Path(path) / "data.mdb").is_file()
+
+
+def open_readonly(path: str | Path) -> lmdb.Environment:
+    """The read settings for training: no lock file writes, no readahead (random access), no meminit."""
+    try:
+        return lmdb.open(str(path), readonly=True, lock=False, readahead=False, meminit=False, subdir=True,
+                         max_readers=2048)
+    except lmdb.Error as e:
+        raise DataError(f"cannot open LMDB {path}: {e}") from None
+
+
+def datalist_for(lmdb_path: Path) -> Optional[Path]:
+    """The reference tool's ``<split>_datalist`` beside ``<out>/<split>`` (also for ``<split>_<size>``)."""
+    cands = [lmdb_path.parent / f"{lmdb_path.name}{DATALIST_SUFFIX}"]
+    m = re.fullmatch(r"(.+)_(\d+)", lmdb_path.name)
+    if m:
+        cands.append(lmdb_path.parent / f"{m.group(1)}{DATALIST_SUFFIX}")
+    return next((c for c in cands if c.is_file()), None)
+
+
+@dataclass
+class LmdbIndex:
+    """What a dataset needs to know about an LMDB before reading any image."""
+
+    path: Path
+    kind: str  # "wsld" | "reference"
+    classes: list[str]
+    labels: np.ndarray  # int64, one per sample, in sample order
+    keys: Optional[StringTable] = None  # reference format: the datalist lines (keys), in order
+    meta: dict = field(default_factory=dict)
+    complete: bool = True
+    stored_labels: Optional[np.ndarray] = None  # reference format: labels read from the values, if read
+    notes: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def key(self, i: int) -> bytes:
+        if self.keys is not None:
+            return self.keys.raw(i)
+        return record_key(i)
+
+
+def read_meta(txn) -> Optional[dict]:
+    raw = txn.get(META_KEY)
+    if raw is None:
+        return None
+    try:
+        meta = msgpack.unpackb(raw, raw=False)
+    except Exception as e:  # noqa: BLE001
+        raise DataError(f"LMDB metadata record is damaged ({e}); re-run 'wsld data pack' with --overwrite") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
+        raise DataError("LMDB metadata record is not a wsld-lmdb record")
+    return meta
+
+
+def open_lmdb_index(path: str | Path, *, require_complete: bool = True, reference_labels: str = "folders") -> LmdbIndex:
+    """Inspect the LMDB at ``path`` (ours or the reference tool's) and return its index.
+
+    ``require_complete``: refuse an interrupted wsld pack (training). ``reference_labels``: for
+    reference LMDBs, "folders" labels samples by the sorted class folders of the datalist (the
+    order of torchvision's pretrained teachers), "stored" uses the labels stored in the values.
+    """
+    path = Path(os.path.expanduser(str(path)))
+    if not path.exists():
+        raise DataError(f"LMDB not found: {path}")
+    if not is_lmdb_dir(path):
+        raise DataError(f"{path} is not an LMDB folder (no data.mdb in it)")
+    env = open_readonly(path)
+    try:
+        with env.begin() as txn:
+            meta = read_meta(txn)
+            if meta is not None:
+                return _wsld_index(path, txn, meta, require_complete)
+        return _reference_index(path, env, reference_labels)
+    finally:
+        env.close()
+
+
+def _wsld_index(path: Path, txn, meta: dict, require_complete: bool) -> LmdbIndex:
+    if int(meta.get("version", 0)) > FORMAT_VERSION:
+        raise DataError(f"{path} was packed by a newer wsld (format version {meta.get('version')}); upgrade wsld")
+    complete = txn.get(COMPLETE_KEY) is not None
+    if require_complete and not complete:
+        done = txn.get(PROGRESS_KEY)
+        where = f" ({int(done)} of {meta.get('count')} images written)" if done is not None else ""
+        raise DataError(f"LMDB {path} is an interrupted pack{where}: {REPACK_HINT}")
+    labels = np.frombuffer(meta["labels"], dtype="<i4").astype(np.int64)
+    if len(labels) != int(meta["count"]):
+        raise DataError(f"LMDB {path}: metadata holds {len(labels)} labels for {meta['count']} samples")
+    return LmdbIndex(path, "wsld", list(meta["classes"]), labels, meta=meta, complete=complete)
+
+
+def _read_datalist(path: Path) -> list[str]:
+    try:
+        with open(path, encoding="utf-8", errors="surrogateescape") as f:
+            lines = [line.rstrip("\r\n") for line in f]
+    except OSError as e:
+        raise DataError(f"cannot read {path}: {e.strerror or e}") from None
+    return [line for line in lines if line.strip()]
+
+
+def read_stored_labels(env: lmdb.Environment, keys: StringTable) -> tuple[np.ndarray, list[int]]:
+    """Reference format: the label of each sample from the last 2 bytes of its value.
+
+    Only the value's last page is touched (zero-copy buffer), not the image. Missing keys get -1
+    and are returned as the second element.
+    """
+    labels = np.full(len(keys), -1, dtype=np.int64)
+    missing = []
+    with env.begin(buffers=True) as txn:
+        for i in range(len(keys)):
+            v = txn.get(keys.raw(i))
+            if v is None or len(v) < 3:
+                missing.append(i)
+                continue
+            labels[i] = int.from_bytes(bytes(v[-2:]), "little")
+    return labels, missing
+
+
+def _reference_index(path: Path, env: lmdb.Environment, reference_labels: str) -> LmdbIndex:
+    datalist = datalist_for(path)
+    if datalist is None:
+        raise DataError(
+            f"LMDB {path} has no wsld metadata and no '{path.name}{DATALIST_SUFFIX}' beside it: it is neither a "
+            "complete wsld pack nor a reference-tool LMDB (re-run 'wsld data pack' to make one)"
+        )
+    if reference_labels not in ("folders", "stored"):
+        raise DataError(f"config key 'data.reference_labels': '{reference_labels}' is not one of folders, stored")
+    lines = _read_datalist(datalist)
+    if not lines:
+        raise DataError(f"{datalist} is empty")
+    keys = StringTable(lines)
+    folders = [line.split("/", 1)[0] if "/" in line else None for line in lines]
+    notes = []
+    mode = reference_labels
+    if mode == "folders" and any(f is None for f in folders):
+        notes.append(f"{datalist.name} has lines without a class folder: using the labels stored in the values")
+        mode = "stored"
+    stored = None
+    if mode == "folders":
+        classes = sorted(set(folders))  # type: ignore[arg-type]
+        index_of = {c: i for i, c in enumerate(classes)}
+        labels = np.array([index_of[f] for f in folders], dtype=np.int64)
+    else:
+        stored, missing = read_stored_labels(env, keys)
+        if missing:
+            raise DataError(
+                f"LMDB {path}: {len(missing)} key(s) of {datalist.name} are missing or empty, e.g. "
+                f"'{lines[missing[0]]}' (line {missing[0] + 1})"
+            )
+        labels = stored
+        classes = names_for_stored_labels(stored, folders)
+    return LmdbIndex(path, "reference", classes, labels, keys=keys, meta={"datalist": str(datalist)},
+                     stored_labels=stored, notes=notes)
+
+
+def names_for_stored_labels(stored: np.ndarray, folders: list[Optional[str]]) -> list[str]:
+    """Name label k after the class folder most of its samples come from (or "k" without folders)."""
+    n = int(stored.max()) + 1 if len(stored) else 0
+    votes: list[dict[str, int]] = [dict() for _ in range(n)]
+    for y, f in zip(stored.tolist(), folders):
+        if f is not None:
+            votes[y][f] = votes[y].get(f, 0) + 1
+    return [max(v, key=v.get) if v else str(k) for k, v in enumerate(votes)]  # type: ignore[arg-type]
+
+
+class LmdbReader:
+    """Reads one sample's bytes; the environment is opened lazily, once per process.
+
+    The handle is keyed by pid and dropped when pickled, so DataLoader workers (forked or
+    spawned) each open their own read-only environment instead of sharing one across fork.
+    """
+
+    def __init__(self, index: LmdbIndex):
+        self.index = index
+        self._env: Optional[lmdb.Environment] = None
+        self._pid: Optional[int] = None
+
+    def _environment(self) -> lmdb.Environment:
+        pid = os.getpid()
+        if self._env is None or self._pid != pid:
+            self._env = open_readonly(self.index.path)  # an inherited parent handle is left untouched
+            self._pid = pid
+        return self._env
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_env"], state["_pid"] = None, None
+        return state
+
+    def read(self, i: int) -> tuple[bytes, Optional[str], Optional[int]]:
+        """``(image bytes, stored path or None, stored label)``; raises RecordError for a bad record."""
+        key = self.index.key(i)
+        with self._environment().begin(buffers=True) as txn:
+            value = txn.get(key)
+            if value is None:
+                raise RecordError(f"key {key.decode('utf-8', 'replace')!r} missing from the LMDB")
+            if self.index.kind == "wsld":
+                p, y, data = decode_record(value)
+                return data, p, y
+            data, y = decode_reference_value(value)
+            return data, None, y
+
+    def describe(self, i: int) -> str:
+        if self.index.kind == "reference":
+            return f"{self.index.path}[{self.index.key(i).decode('utf-8', 'replace')}]"
+        try:
+            _, p, _ = self.read(i)
+        except Exception:  # noqa: BLE001 - describe must not fail
+            p = None
+        return f"{self.index.path}[{i}]" + (f" {p}" if p else "")
