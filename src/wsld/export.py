@@ -1,0 +1,276 @@
+"""``wsld export CHECKPOINT --format onnx|torchscript|safetensors [--out PATH]``: the student for deployment.
+
+Every format holds the student alone, in eval mode, taking float images normalised with the
+training mean/std (N, C, H, W) and returning logits (N, classes); the mean, std, class names and
+input size travel as metadata (ONNX ``metadata_props``, a ``wsld.json`` extra file in TorchScript,
+the safetensors header). Before a file gets its final name it is loaded back and run on a batch
+of validation images (Gaussian noise when the data is not on this machine), and its logits are
+compared with the PyTorch model's; the max absolute difference is printed, and an export that
+disagrees is not written. ONNX is exported with ``torch.onnx.export(dynamo=True)`` (a dynamic
+batch axis) and checked with onnxruntime: ``pip install 'wsld[onnx]'``. safetensors holds weights
+only: ``wsld eval model.safetensors --config RUN/config.yaml`` evaluates it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from wsld.errors import CheckpointError, UserError
+
+FORMATS = ("onnx", "torchscript", "safetensors")
+SUFFIX = {"onnx": ".onnx", "torchscript": ".torchscript.pt", "safetensors": ".safetensors"}
+CHECK_BATCH = 16
+# max |logit difference| accepted, relative to the largest |logit| (float32 kernels differ in order)
+TOLERANCE = 1e-4
+
+
+def _pip_hint() -> str:
+    return "pip install 'wsld[onnx]' (onnx, onnxscript, onnxruntime)"
+
+
+def load_student(checkpoint: Path, ema: bool = False) -> tuple[nn.Module, dict[str, Tensor], Any, dict]:
+    """``(model in eval mode, state dict, config, checkpoint)`` of a wsld checkpoint's student."""
+    from wsld.checkpoint import load_checkpoint
+    from wsld.config import config_from_dict
+    from wsld.models import build_model
+
+    if checkpoint.suffix == ".safetensors":
+        raise UserError(f"{checkpoint} holds weights only: export from the run's checkpoint (last.pt or best.pt)")
+    ck = load_checkpoint(checkpoint)
+    if ema:
+        if ck.get("ema") is None:
+            raise CheckpointError(f"{checkpoint} holds no EMA weights (train.ema_decay was 0)")
+        state = ck["ema"]
+        state = {k.removeprefix("module."): v for k, v in state.items() if k != "n_averaged"}
+    else:
+        state = ck["student"]
+    cfg = config_from_dict(ck.get("config", {}))
+    arch = ck.get("student_arch", cfg.model.student)
+    num_classes = int(ck.get("num_classes") or 0)
+    in_channels = _in_channels(state)
+    try:
+        model = build_model(arch, num_classes, in_channels=in_channels, replace_head_if_needed=True, role="student")
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise CheckpointError(f"{checkpoint} does not fit student '{arch}': {str(e).splitlines()[0]}") from None
+    return model.eval(), state, cfg, ck
+
+
+def _in_channels(state: dict[str, Tensor]) -> int:
+    for v in state.values():
+        if v.ndim == 4:
+            return int(v.shape[1])
+    return 3
+
+
+def sample_batch(cfg, in_channels: int, log: Callable[[str], None]) -> tuple[Tensor, dict[str, Any]]:
+    """Normalised validation images to check the export on (noise if the data is not here)."""
+    from wsld.data import build_datasets
+
+    try:
+        _, val, info = build_datasets(cfg.data, seed=cfg.train.seed)
+    except UserError as e:
+        if cfg.data.format == "builtin":
+            raise
+        size = cfg.data.image_size
+        log(f"validation data not readable here ({e}): checking the export on Gaussian noise instead")
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(CHECK_BATCH, in_channels, size, size, generator=g)
+        return x, {"check_input": "gaussian noise", "image_size": size, "mean": cfg.data.mean, "std": cfg.data.std}
+    images = []
+    for i in range(len(val)):
+        item = val[i]
+        if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], Tensor):
+            images.append(item[0])
+        if len(images) == CHECK_BATCH:
+            break
+    if not images:
+        raise UserError("no readable validation image to check the export on")
+    u8 = torch.stack(images).float()
+    mean = torch.tensor(info.mean).view(1, -1, 1, 1) * 255.0
+    std = torch.tensor(info.std).view(1, -1, 1, 1) * 255.0
+    x = (u8 - mean) / std
+    return x, {"check_input": f"{len(images)} {cfg.data.dataset} {cfg.data.val_split} images",
+               "image_size": int(x.shape[-1]), "mean": info.mean, "std": info.std}  # fmt: skip
+
+
+def _temp_beside(out: Path) -> Path:
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    os.close(fd)
+    return Path(tmp)
+
+
+def _finish(tmp: Path, out: Path) -> None:
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # an ordinary file once renamed, not mkstemp's 0600
+    os.replace(tmp, out)
+    fd = os.open(out.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _max_diff(a: np.ndarray | Tensor, b: Tensor) -> float:
+    a = torch.as_tensor(np.asarray(a)).float()
+    if a.shape != b.shape:
+        raise UserError(f"the exported model returns shape {tuple(a.shape)}, PyTorch {tuple(b.shape)}")
+    return float((a - b).abs().max())
+
+
+def _write_safetensors(model: nn.Module, state: dict[str, Tensor], meta: dict, tmp: Path, x: Tensor, ref: Tensor) -> float:
+    from safetensors.torch import load_file, save_file
+
+    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp),
+              metadata={k: json.dumps(v) for k, v in meta.items()})  # fmt: skip
+    back = load_file(str(tmp))
+    fresh = _fresh_copy(model)
+    fresh.load_state_dict(back)
+    with torch.no_grad():
+        return _max_diff(fresh.eval()(x), ref)
+
+
+def _fresh_copy(model: nn.Module) -> nn.Module:
+    import copy
+
+    fresh = copy.deepcopy(model)
+    with torch.no_grad():
+        for t in list(fresh.parameters()) + list(fresh.buffers()):
+            if t.is_floating_point():
+                t.zero_()
+    return fresh
+
+
+def _write_torchscript(model: nn.Module, meta: dict, tmp: Path, x: Tensor, ref: Tensor) -> float:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated upstream but still loads everywhere
+        traced = torch.jit.trace(model, x[:2], check_trace=False)
+        torch.jit.save(traced, str(tmp), _extra_files={"wsld.json": json.dumps(meta)})
+        back = torch.jit.load(str(tmp), map_location="cpu")
+    with torch.no_grad():
+        return _max_diff(back(x), ref)
+
+
+def _write_onnx(model: nn.Module, meta: dict, tmp: Path, x: Tensor, ref: Tensor) -> float:
+    try:
+        import onnx
+        import onnxruntime as ort
+        import onnxscript  # noqa: F401  - torch.onnx's exporter needs it
+    except ImportError as e:
+        raise UserError(f"--format onnx needs the optional packages: {_pip_hint()} ({e.name} is missing)") from None
+    quiet = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(quiet), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                model, (x[:2],), str(tmp), input_names=["images"], output_names=["logits"],
+                dynamic_shapes=({0: torch.export.Dim("batch")},), dynamo=True, external_data=False, verbose=False,
+            )  # fmt: skip
+    except Exception as e:  # noqa: BLE001 - exporter failures come in many types
+        raise UserError(f"ONNX export of this model failed: {str(e).strip().splitlines()[0][:300]}") from None
+    proto = onnx.load(str(tmp))
+    for k, v in meta.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = k, json.dumps(v)
+    onnx.save(proto, str(tmp))
+    onnx.checker.check_model(str(tmp))
+    session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
+    out = session.run(["logits"], {"images": x.numpy()})[0]
+    return _max_diff(out, ref)
+
+
+def export_student(
+    checkpoint: str | Path, fmt: str, out: str | Path | None = None, ema: bool = False,
+    log: Callable[[str], None] = lambda m: None,
+) -> dict[str, Any]:
+    """Write the student of ``checkpoint`` as ``fmt``; returns what was written and the check's result."""
+    if fmt not in FORMATS:
+        raise UserError(f"--format must be one of {', '.join(FORMATS)}, got {fmt}")
+    checkpoint = Path(checkpoint)
+    if not checkpoint.is_file():
+        raise CheckpointError(f"checkpoint not found: {checkpoint}")
+    model, state, cfg, ck = load_student(checkpoint, ema)
+    out_path = Path(out) if out else checkpoint.with_name(checkpoint.stem + SUFFIX[fmt])
+    if out_path.resolve() == checkpoint.resolve():
+        raise UserError(f"--out {out_path} is the checkpoint itself: choose another file name")
+    if out_path.is_dir():
+        raise UserError(f"--out {out_path} is a folder: give a file name")
+    if not out_path.parent.is_dir():
+        raise UserError(f"--out {out_path}: folder {out_path.parent} does not exist")
+    x, data_meta = sample_batch(cfg, _in_channels(state), log)
+    with torch.no_grad():
+        ref = model(x).float()
+    meta = {
+        "format": "wsld-student-1", "arch": ck.get("student_arch", cfg.model.student), "num_classes": int(ref.shape[1]),
+        "classes": list(ck.get("classes") or []), "in_channels": int(x.shape[1]), "image_size": data_meta["image_size"],
+        "mean": data_meta["mean"], "std": data_meta["std"], "input": "float NCHW, (pixel/255 - mean) / std",
+        "weights": "ema" if ema else "student", "source": str(checkpoint), "epoch": ck.get("epoch"),
+    }  # fmt: skip
+    tmp = _temp_beside(out_path)
+    try:
+        if fmt == "safetensors":
+            diff = _write_safetensors(model, state, meta, tmp, x, ref)
+        elif fmt == "torchscript":
+            diff = _write_torchscript(model, meta, tmp, x, ref)
+        else:
+            diff = _write_onnx(model, meta, tmp, x, ref)
+        limit = TOLERANCE * max(1.0, float(ref.abs().max()))
+        if not diff <= limit:
+            raise UserError(f"the {fmt} export's logits differ from PyTorch's by {diff:.3g} (> {limit:.3g}): not written")
+        _finish(tmp, out_path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return {
+        "path": str(out_path), "format": fmt, "bytes": out_path.stat().st_size, "max_abs_diff": diff,
+        "check_input": data_meta["check_input"], "arch": meta["arch"], "num_classes": meta["num_classes"],
+        "input_shape": list(x.shape[1:]),
+    }  # fmt: skip
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export",
+        help="write a trained student as ONNX, TorchScript or safetensors (checked against PyTorch)",
+        description="Export the student of a wsld checkpoint for deployment. The model takes float images "
+        "normalised with the training mean/std and returns logits; mean, std, classes and input size are stored "
+        "as metadata. The written file is loaded back and run on a batch of validation images, and the max "
+        "absolute logit difference to PyTorch is printed (ONNX runs in onnxruntime: pip install 'wsld[onnx]'). "
+        "safetensors holds weights only: evaluate it with 'wsld eval FILE --config RUN/config.yaml'.",
+    )
+    p.add_argument("checkpoint", help="a wsld checkpoint (last.pt or best.pt)")
+    p.add_argument("--format", required=True, choices=FORMATS, help="onnx | torchscript | safetensors")
+    p.add_argument("--out", metavar="PATH", help="output file (default: beside the checkpoint, e.g. best.onnx)")
+    p.add_argument("--ema", action="store_true", help="export the EMA weights stored in the checkpoint")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import sys
+
+    r = export_student(args.checkpoint, args.format, args.out, args.ema, log=lambda m: print(f"[wsld] {m}", file=sys.stderr))
+    print(
+        f"exported {r['arch']} ({r['num_classes']} classes, input {'x'.join(map(str, r['input_shape']))}) as {r['format']} "
+        f"to {r['path']} ({r['bytes'] / 2**20:.2f} MiB)\n  check on {r['check_input']}: max |logit difference| vs PyTorch "
+        f"= {r['max_abs_diff']:.3g}"
+    )
+    if r["format"] == "safetensors":
+        cfg_hint = Path(r["path"]).parent / "config.yaml"
+        hint = f"wsld eval {r['path']}" + ("" if cfg_hint.is_file() else f" --config {Path(args.checkpoint).parent / 'config.yaml'}")
+        print(f"  evaluate with: {hint}")
+    return 0
