@@ -8,6 +8,7 @@ previous file or the new one, never a half-written file under a final name.
 
 from __future__ import annotations
 
+import glob
 import io
 import os
 import random
@@ -74,6 +75,14 @@ SLOW_SAVE_ENV = "WSLD_TEST_SLOW_SAVE"
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
+    """Write ``state`` atomically; temp files of this name left by a killed earlier write go first
+    (one process writes a run's checkpoints, so any such file is stale)."""
+    path = Path(path)
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        try:
+            stale.unlink()
+        except OSError:
+            pass
     buf = io.BytesIO()
     torch.save(state, buf)
     atomic_write_bytes(path, buf.getvalue(), pause_s=float(os.environ.get(SLOW_SAVE_ENV) or 0))
