@@ -393,6 +393,27 @@ def write_probe(run_dir: Path, nbytes: int) -> None:
             pass
 
 
+def early_write_probe(run_dir: Path, nbytes: int = 1 << 20) -> None:
+    """Fail in the first second, before data, teacher training or the run directory exist, when
+    ``run_dir`` cannot be created or written: a path through a regular file, a read-only file
+    system, a full disk, no permission. Leaves nothing behind (an unnamed temp file in the nearest
+    existing folder). ``write_probe`` checks the full checkpoint size once the model is built."""
+    folder = Path(os.path.abspath(run_dir))
+    while not os.path.lexists(folder) and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise UserError(f"cannot create run directory {run_dir}: {folder} is not a folder (choose another --out)")
+    try:
+        import tempfile
+
+        with tempfile.TemporaryFile(dir=folder) as f:
+            f.write(b"\0" * nbytes)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise UserError(f"run directory {run_dir} is not writable ({e.strerror or e}): free space or choose another --out") from None
+
+
 def default_run_dir(cfg: Config) -> Path:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     return Path("runs") / f"{stamp}-{cfg.data.dataset}-{cfg.distill.loss}-{cfg.model.student}"
@@ -760,6 +781,8 @@ class Trainer:
         from tqdm import tqdm
 
         cfg, rt = self.cfg, self.rt
+        if rt.is_main:
+            early_write_probe(self.run_dir)  # before any teacher training or data work
         self.setup()
         self.sched = None
         self.best_top1, self.best_epoch = -1.0, -1
