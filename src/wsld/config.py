@@ -43,6 +43,9 @@ class DataConfig:
     std: Optional[list[float]] = None
     long_tail_ratio: float = 1.0  # > 1: exponentially imbalanced train split, n_max / n_min
     on_corrupt: str = "skip"  # skip | stop: what a corrupt image met in training does
+    # reference-tool LMDBs: folders = label by sorted class folders of the datalist (torchvision teachers'
+    # order); stored = the labels stored in the values (for a teacher trained on them)
+    reference_labels: str = "folders"
 
 
 @dataclass

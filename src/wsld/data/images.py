@@ -58,6 +58,8 @@ def open_image(data: bytes) -> Image.Image:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImageDecodeError(f"refused as a decompression bomb: {e}") from None
     except Exception as e:  # noqa: BLE001 - every decoder failure is the file's fault
+        if "truncat" in str(e).lower() or isinstance(e, EOFError):
+            raise ImageDecodeError(f"truncated file ({str(e) or 'unexpected end of data'})") from None
         raise ImageDecodeError(f"cannot read header: {_short(e)}") from None
     limit = Image.MAX_IMAGE_PIXELS
     if limit is not None and img.width * img.height > limit:

@@ -118,8 +118,11 @@ def scan_split(root: str | Path, split: str, classes: Sequence[str]) -> ImageLis
     for label, cls in enumerate(classes):
         cls_dir = split_dir / cls
         walked = []
+        chains = {str(cls_dir): (os.path.realpath(cls_dir),)}  # real folders from the class folder down
         for dirpath, dirnames, filenames in os.walk(cls_dir, followlinks=True, onerror=_raise_walk_error):
             dirnames[:] = [d for d in dirnames if not is_hidden(d)]
+            for d in dirnames:
+                _refuse_symlink_loop(dirpath, d, chains, split_dir)
             walked.append((dirpath, filenames))
         n_before = len(out.paths)
         for dirpath, filenames in sorted(walked):
@@ -140,6 +143,18 @@ def scan_split(root: str | Path, split: str, classes: Sequence[str]) -> ImageLis
             empty) > 1 else ""
         raise DataError(f"class folder '{split}/{empty[0]}' has no images{more}: remove it or add images")
     return out
+
+
+def _refuse_symlink_loop(dirpath: str, name: str, chains: dict, split_dir: Path) -> None:
+    """A linked folder that leads back to one of its own ancestors would be walked until the OS
+    gives up, listing the images of every folder on the way (other classes too) under this label."""
+    child = os.path.join(dirpath, name)
+    real = os.path.realpath(child)
+    chain = chains[dirpath]
+    if os.path.islink(child) and any(r == real or r.startswith(real.rstrip(os.sep) + os.sep) for r in chain):
+        rel = os.path.relpath(child, split_dir.parent)
+        raise DataError(f"symlink loop: {rel} points to {real}, a folder above it; remove the link")
+    chains[child] = chain + (real,)
 
 
 def _raise_walk_error(e: OSError) -> None:
@@ -244,6 +259,8 @@ def read_list(list_path: str | Path, classes_path: str | Path | None = None) -> 
     a path leading outside the dataset root is a DataError naming ``file:line``.
     """
     list_path = Path(os.path.expanduser(str(list_path)))
+    if not list_path.is_file():
+        raise DataError(f"list file not found: {list_path} (run 'wsld data list ROOT' to write it)")
     classes = read_classes(classes_path or list_path.parent / CLASSES_FILE)
     split = split_of_list(list_path)
     root = list_path.parent

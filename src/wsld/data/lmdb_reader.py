@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import re
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -79,12 +80,51 @@ def is_lmdb_dir(path: str | Path) -> bool:
 
 
 def open_readonly(path: str | Path) -> lmdb.Environment:
-    """The read settings for training: no lock file writes, no readahead (random access), no meminit."""
+    """A new read-only environment with the settings for training: no lock-file writes, no readahead
+    (random access), no meminit. Prefer ``shared_env``: LMDB allows one open per path per process."""
     try:
         return lmdb.open(str(path), readonly=True, lock=False, readahead=False, meminit=False, subdir=True,
                          max_readers=2048)
     except lmdb.Error as e:
         raise DataError(f"cannot open LMDB {path}: {e}") from None
+
+
+_ENVS: dict[str, tuple[int, lmdb.Environment]] = {}
+_ENVS_LOCK = threading.Lock()
+
+
+def shared_env(path: str | Path) -> lmdb.Environment:
+    """This process's read-only environment for ``path``, opened on first use.
+
+    Keyed by pid: a DataLoader worker (forked or spawned) opens its own on first use instead of
+    using one inherited across fork. Never closed except by ``release_env``.
+    """
+    key, pid = os.path.realpath(path), os.getpid()
+    entry = _ENVS.get(key)
+    if entry is None or entry[0] != pid:
+        with _ENVS_LOCK:
+            entry = _ENVS.get(key)
+            if entry is not None and entry[0] != pid:
+                # inherited across fork: never used here; closing the child's copy (its mapping and file
+                # descriptor; no lock file with lock=False) frees the path for a handle of our own
+                try:
+                    entry[1].close()
+                except lmdb.Error:
+                    pass
+                entry = None
+            if entry is None:
+                entry = (pid, open_readonly(path))
+                _ENVS[key] = entry
+    return entry[1]
+
+
+def release_env(path: str | Path) -> None:
+    """Close this process's read-only environment for ``path`` (before writing to it)."""
+    key = os.path.realpath(path)
+    with _ENVS_LOCK:
+        entry = _ENVS.pop(key, None)
+    if entry is not None and entry[0] == os.getpid():
+        entry[1].close()
 
 
 def datalist_for(lmdb_path: Path) -> Optional[Path]:
@@ -144,15 +184,12 @@ def open_lmdb_index(path: str | Path, *, require_complete: bool = True, referenc
         raise DataError(f"LMDB not found: {path}")
     if not is_lmdb_dir(path):
         raise DataError(f"{path} is not an LMDB folder (no data.mdb in it)")
-    env = open_readonly(path)
-    try:
-        with env.begin() as txn:
-            meta = read_meta(txn)
-            if meta is not None:
-                return _wsld_index(path, txn, meta, require_complete)
-        return _reference_index(path, env, reference_labels)
-    finally:
-        env.close()
+    env = shared_env(path)
+    with env.begin() as txn:
+        meta = read_meta(txn)
+        if meta is not None:
+            return _wsld_index(path, txn, meta, require_complete)
+    return _reference_index(path, env, reference_labels)
 
 
 def _wsld_index(path: Path, txn, meta: dict, require_complete: bool) -> LmdbIndex:
@@ -244,28 +281,17 @@ def names_for_stored_labels(stored: np.ndarray, folders: list[Optional[str]]) ->
 
 
 class LmdbReader:
-    """Reads one sample's bytes; the environment is opened lazily, once per process.
+    """Reads one sample's bytes through this process's shared read-only environment.
 
-    The handle is keyed by pid and dropped when pickled, so DataLoader workers (forked or
-    spawned) each open their own read-only environment instead of sharing one across fork.
+    Nothing LMDB-related is stored on the object, so it pickles to DataLoader workers as plain
+    data and each worker opens the LMDB itself on its first read (``shared_env``).
     """
 
     def __init__(self, index: LmdbIndex):
         self.index = index
-        self._env: Optional[lmdb.Environment] = None
-        self._pid: Optional[int] = None
 
     def _environment(self) -> lmdb.Environment:
-        pid = os.getpid()
-        if self._env is None or self._pid != pid:
-            self._env = open_readonly(self.index.path)  # an inherited parent handle is left untouched
-            self._pid = pid
-        return self._env
-
-    def __getstate__(self):
-        state = self.__dict__.copy()
-        state["_env"], state["_pid"] = None, None
-        return state
+        return shared_env(self.index.path)
 
     def read(self, i: int) -> tuple[bytes, Optional[str], Optional[int]]:
         """``(image bytes, stored path or None, stored label)``; raises RecordError for a bad record."""

@@ -36,6 +36,7 @@ from wsld.data.lmdb_reader import (
     is_lmdb_dir,
     read_meta,
     record_key,
+    release_env,
 )
 from wsld.data.parallel import ordered_map
 from wsld.errors import DataError
@@ -103,6 +104,7 @@ def _prepare_output(path: Path, checksum: str, overwrite: bool, log) -> tuple[st
             raise DataError(f"--out {path} holds other files ({', '.join(others[:3])}); give an empty or new folder")
     if not is_lmdb_dir(path):
         return "fresh", 0
+    release_env(path)  # a read-only handle from this process (LMDB allows one per path)
     env = _open_for_write(path, INITIAL_MAP_SIZE)
     try:
         with env.begin() as txn:

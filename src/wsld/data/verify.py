@@ -10,6 +10,7 @@ order than the sorted class folders.
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from dataclasses import dataclass, field
@@ -29,7 +30,7 @@ from wsld.data.lmdb_reader import (
     decode_reference_value,
     is_lmdb_dir,
     open_lmdb_index,
-    open_readonly,
+    shared_env,
 )
 from wsld.data.parallel import ordered_map
 from wsld.errors import DataError
@@ -61,7 +62,7 @@ class VerifyReport:
 _Item = tuple[str, int, "Path | bytes | RecordError"]
 
 
-def _check(item: _Item) -> tuple[str, int, Optional[str], list[str]]:
+def _check(item: _Item, check_ext: bool = True) -> tuple[str, int, Optional[str], list[str]]:
     name, label, src = item
     if isinstance(src, RecordError):
         return name, label, str(src), []
@@ -72,12 +73,12 @@ def _check(item: _Item) -> tuple[str, int, Optional[str], list[str]]:
             return name, label, f"unreadable ({e.strerror or e})", []
     else:
         data = src
-    res = check_image(data, name)
+    res = check_image(data, name if check_ext else "")
     return name, label, res.error, res.notes
 
 
 def _run(report: VerifyReport, items: Iterable[_Item], n: int, workers: int, progress: bool,
-         emit: Callable[[str], None]) -> tuple[dict[int, int], dict[int, int]]:
+         emit: Callable[[str], None], check_ext: bool = True) -> tuple[dict[int, int], dict[int, int]]:
     """Check every item; errors and notes go into ``report``; returns per-label (images, unusable)."""
     counts: dict[int, int] = {}
     bad: dict[int, int] = {}
@@ -89,7 +90,7 @@ def _run(report: VerifyReport, items: Iterable[_Item], n: int, workers: int, pro
                    mininterval=0.5, file=sys.stderr)
     say = bar.write if bar is not None else emit
     try:
-        for name, label, error, notes in ordered_map(_check, items, workers):
+        for name, label, error, notes in ordered_map(functools.partial(_check, check_ext=check_ext), items, workers):
             counts[label] = counts.get(label, 0) + 1
             if error:
                 report.errors.append((name, error))
@@ -132,48 +133,42 @@ def verify_image_list(lst: ImageList, title: str, workers: int, progress: bool, 
 
 
 def _wsld_lmdb_items(index: LmdbIndex, n_written: int) -> Iterator[_Item]:
-    env = open_readonly(index.path)
-    try:
-        with env.begin() as txn:
-            for i in range(n_written):
-                label = int(index.labels[i])
-                value = txn.get(index.key(i))
-                if value is None:
-                    yield f"[{i}]", label, RecordError("record missing from the LMDB")
-                    continue
-                try:
-                    path, stored, data = decode_record(value)
-                except RecordError as e:
-                    yield f"[{i}]", label, e
-                    continue
-                if stored != label:
-                    yield path, label, RecordError(f"record label {stored} disagrees with the metadata label {label}")
-                    continue
-                yield path, label, data
-    finally:
-        env.close()
+    env = shared_env(index.path)
+    with env.begin() as txn:
+        for i in range(n_written):
+            label = int(index.labels[i])
+            value = txn.get(index.key(i))
+            if value is None:
+                yield f"[{i}]", label, RecordError("record missing from the LMDB")
+                continue
+            try:
+                path, stored, data = decode_record(value)
+            except RecordError as e:
+                yield f"[{i}]", label, e
+                continue
+            if stored != label:
+                yield path, label, RecordError(f"record label {stored} disagrees with the metadata label {label}")
+                continue
+            yield path, label, data
 
 
 def _reference_items(index: LmdbIndex, stored: np.ndarray) -> Iterator[_Item]:
-    env = open_readonly(index.path)
-    try:
-        with env.begin() as txn:
-            for i in range(len(index)):
-                key = index.key(i)
-                name = key.decode("utf-8", "surrogateescape")
-                value = txn.get(key)
-                if value is None:
-                    yield name, -1, RecordError("key from the datalist is missing from the LMDB")
-                    continue
-                try:
-                    data, label = decode_reference_value(value)
-                except RecordError as e:
-                    yield name, -1, e
-                    continue
-                stored[i] = label
-                yield name, label, data
-    finally:
-        env.close()
+    env = shared_env(index.path)
+    with env.begin() as txn:
+        for i in range(len(index)):
+            key = index.key(i)
+            name = key.decode("utf-8", "surrogateescape")
+            value = txn.get(key)
+            if value is None:
+                yield name, -1, RecordError("key from the datalist is missing from the LMDB")
+                continue
+            try:
+                data, label = decode_reference_value(value)
+            except RecordError as e:
+                yield name, -1, e
+                continue
+            stored[i] = label
+            yield name, label, data
 
 
 def verify_lmdb(path: Path, workers: int, progress: bool, emit) -> VerifyReport:
@@ -182,12 +177,8 @@ def verify_lmdb(path: Path, workers: int, progress: bool, emit) -> VerifyReport:
         report = _new_report(f"{path.name} (wsld LMDB {path})", index.classes)
         n_written = len(index)
         if not index.complete:
-            env = open_readonly(path)
-            try:
-                with env.begin() as txn:
-                    n_written = min(len(index), int(txn.get(PROGRESS_KEY) or 0))
-            finally:
-                env.close()
+            with shared_env(path).begin() as txn:
+                n_written = min(len(index), int(txn.get(PROGRESS_KEY) or 0))
             msg = (f"interrupted pack: {n_written} of {len(index)} images written, no completion marker; "
                    "re-run 'wsld data pack' with the same arguments to finish it")
             report.fatal.append(msg)
@@ -200,7 +191,8 @@ def verify_lmdb(path: Path, workers: int, progress: bool, emit) -> VerifyReport:
     stored = np.full(n, -1, dtype=np.int64)
     report = _new_report(f"{path.name} (reference-tool LMDB {path}, order from {Path(index.meta['datalist']).name})",
                          [])
-    counts, bad = _run(report, _reference_items(index, stored), n, workers, progress, emit)
+    # the reference packer re-encoded every image as JPEG: a JPEG "named .png" is expected there
+    counts, bad = _run(report, _reference_items(index, stored), n, workers, progress, emit, check_ext=False)
     n_labels = max(counts) + 1 if counts else 0
     keys = [index.key(i).decode("utf-8", "surrogateescape") for i in range(n)]
     folders = [k.split("/", 1)[0] if "/" in k else None for k in keys]
