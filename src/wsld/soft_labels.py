@@ -162,38 +162,45 @@ def _tensor_transform_params(transform: Callable, shape: tuple[int, ...]) -> tup
     return src_r - r, src_c - crop_c, h, w, flip
 
 
-def _photo_transform_params(transform: Any, img: Any) -> tuple[int, int, int, int, int]:
-    """Box and flip of ``TrainTransform`` (RandomResizedCrop then flip), drawing the random numbers
-    in its order; ``tests/test_soft_labels.py`` checks this against its output."""
-    from torchvision.transforms import RandomResizedCrop
+def _photo_transform_params(transform: Any, img: Any, seed: Optional[int]) -> tuple[int, int, int, int, int]:
+    """Box and flip of ``TrainTransform`` (RandomResizedCrop then flip), drawn from the generator it
+    seeds with ``seed``, in its order; ``tests/test_soft_labels.py`` checks this against its output."""
+    from wsld.data.transforms import _generator, random_resized_crop_params
 
-    from wsld.data.transforms import _RATIO
-
-    top, left, h, w = RandomResizedCrop.get_params(img, list(transform.scale), list(_RATIO))
-    flip = int(bool(transform.hflip) and torch.rand(1).item() < 0.5)
+    g = _generator(seed)
+    top, left, h, w = random_resized_crop_params(img.width, img.height, transform.scale, g)
+    flip = int(bool(transform.hflip) and torch.rand(1, generator=g).item() < 0.5)
     return int(top), int(left), int(h), int(w), flip
 
 
 class _RecordingTransform:
-    """Runs the real transform; first reads its box and flip under the same RNG state."""
+    """Runs the real transform; first reads its box and flip from the same random numbers.
+
+    Two transform protocols exist: photo transforms ``t(img, seed)`` draw from their own generator;
+    tensor transforms ``t(img)`` (built-in data) draw from torch's global RNG, seeded by the caller.
+    """
 
     def __init__(self, inner: Callable):
         self.inner = inner
         self.last: Optional[tuple[int, int, int, int, int]] = None
 
-    def __call__(self, img):
+    def __call__(self, img, *seed):
         from wsld.data.transforms import TrainTransform
 
-        state = torch.get_rng_state()
         if isinstance(self.inner, TrainTransform):
-            self.last = _photo_transform_params(self.inner, img)
-        elif isinstance(img, Tensor):
+            self.last = _photo_transform_params(self.inner, img, seed[0] if seed else None)
+        elif isinstance(img, Tensor) and not seed:
+            state = torch.get_rng_state()
             self.last = _tensor_transform_params(self.inner, tuple(img.shape))
+            torch.set_rng_state(state)
         else:  # deterministic (val) transform: the whole image, unflipped
-            w, h = img.size
-            self.last = (0, 0, int(h), int(w), 0)
-        torch.set_rng_state(state)
-        return self.inner(img)
+            self.last = (0, 0, int(img.height), int(img.width), 0) if hasattr(img, "height") else None
+        return self.inner(img, *seed)
+
+
+def _is_sample(item: Any) -> bool:
+    """``(image tensor, label)``, not a corrupt-sample marker (which is a named tuple of strings)."""
+    return isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], Tensor)
 
 
 class CropRecorder:
@@ -213,7 +220,7 @@ class CropRecorder:
             self.recorder.last = None
         item = self.base[(self.to_base(index), seed)]
         params = self.recorder.last if self.recorder is not None else None
-        if params is None and isinstance(item, tuple) and isinstance(item[0], Tensor):
+        if params is None and _is_sample(item):
             params = (0, 0, int(item[0].shape[-2]), int(item[0].shape[-1]), 0)  # no augmentation
         return item, params
 
@@ -221,7 +228,7 @@ class CropRecorder:
 def crop_params(dataset: Dataset, index: int, seed: int) -> tuple[int, int, int, int, int]:
     """``(top, left, height, width, flip)`` of the training crop of ``index`` under ``seed``."""
     item, params = CropRecorder(dataset)(index, seed)
-    if params is None:
+    if params is None or not _is_sample(item):
         raise DataError(f"cannot read sample {index}: {getattr(item, 'error', item)}")
     return params
 
@@ -235,6 +242,23 @@ def _open_env(path: Path, readonly: bool, map_size: int = 1 << 26):
     if readonly:
         return lmdb.open(str(path), readonly=True, lock=False, readahead=False, max_dbs=2, subdir=True)
     return lmdb.open(str(path), map_size=map_size, subdir=True, readahead=False, meminit=False, max_dbs=2)
+
+
+_READERS: dict[tuple[str, int], Any] = {}  # one read-only environment per store and process (LMDB allows no second)
+
+
+def _reader(path: Path):
+    key = (str(path.resolve()), os.getpid())
+    env = _READERS.get(key)
+    if env is None:
+        env = _READERS[key] = _open_env(path, readonly=True)
+    return env
+
+
+def _close_reader(path: Path) -> None:
+    env = _READERS.pop((str(path.resolve()), os.getpid()), None)
+    if env is not None:
+        env.close()
 
 
 def _read_meta(env) -> tuple[Optional[dict], Optional[dict]]:
@@ -256,12 +280,9 @@ class SoftLabelStore:
         self.path = Path(os.path.expanduser(str(path)))
         if not (self.path / "data.mdb").is_file():
             raise DataError(f"distill.soft_labels: no soft-label store at {self.path} (make one with 'wsld soft-labels')")
-        env = _open_env(self.path, readonly=True)
-        try:
-            meta, done = _read_meta(env)
-            n_done = self._entries(env) if meta is not None else 0
-        finally:
-            env.close()
+        env = _reader(self.path)
+        meta, done = _read_meta(env)
+        n_done = self._entries(env) if meta is not None else 0
         if meta is None or meta.get("format") != FORMAT:
             raise DataError(f"distill.soft_labels: {self.path} is an LMDB but not a wsld soft-label store")
         if meta.get("version") != FORMAT_VERSION:
@@ -273,8 +294,6 @@ class SoftLabelStore:
         self.meta = meta
         self.crops, self.topk = int(meta["crops"]), int(meta["topk"])
         self.dtype = record_dtype(self.topk, len(meta["classes"]), meta["precision"])
-        self._env = None
-        self._pid = -1
 
     @staticmethod
     def _entries(env) -> int:
@@ -282,21 +301,10 @@ class SoftLabelStore:
         with env.begin(db=db) as txn:
             return int(txn.stat(db)["entries"])
 
-    def __getstate__(self):
-        state = dict(self.__dict__)
-        state["_env"], state["_pid"] = None, -1  # each worker process opens its own
-        return state
-
-    def _db(self):
-        if self._env is None or self._pid != os.getpid():
-            self._env = _open_env(self.path, readonly=True)
-            self._crops = self._env.open_db(CROPS_DB, create=False)
-            self._pid = os.getpid()
-        return self._env, self._crops
-
     def records(self, index: int) -> np.ndarray:
         """The K records of image ``index`` (empty if it was unreadable when the store was made)."""
-        env, db = self._db()
+        env = _reader(self.path)  # opened lazily in each DataLoader worker process
+        db = env.open_db(CROPS_DB, create=False)
         with env.begin(db=db, buffers=False) as txn:
             value = txn.get(image_key(index))
         if value is None:
@@ -385,7 +393,7 @@ class ReplayDataset(Dataset):
     def __getitem__(self, key):
         index, seed, crop = int(key[0]), int(key[1]), int(key[2])
         item = self.dataset[(index, seed)]
-        if not isinstance(item, tuple) or len(item) != 2 or not isinstance(item[0], Tensor):
+        if not _is_sample(item):
             return item  # a corrupt-sample marker: the collate sets it aside
         return item[0], item[1], self.store.record(index, crop)
 
@@ -448,7 +456,7 @@ class _ImageCrops(Dataset):
         images, params = [], []
         for k in range(self.crops):
             item, p = self.recorder(i, sample_seed(self.seed, k, i))
-            if p is None or not isinstance(item, tuple):
+            if p is None or not _is_sample(item):
                 return i, None, int(self.targets[i]), None, str(getattr(item, "error", item))
             images.append(item[0])
             params.append(p)
@@ -535,6 +543,7 @@ def make_soft_labels(
     if out.is_dir() and any(out.iterdir()) and not (out / "data.mdb").is_file():
         raise UserError(f"--out {out} is a folder that holds other files: give a new or empty folder")
     out.mkdir(parents=True, exist_ok=True)
+    _close_reader(out)
     try:
         env = _open_env(out, readonly=False, map_size=int(n * est * 1.25) + (64 << 20))
     except lmdb.Error as e:
@@ -608,6 +617,7 @@ def make_soft_labels(
         bar.close()
         with env.begin(db=crops_db) as txn:
             entries = int(txn.stat(crops_db)["entries"])
+            bad_images = sum(1 for v in txn.cursor().iternext(keys=False, values=True) if len(v) == 0)
         if entries != n:
             raise DataError(f"{out}: {entries} of {n} images stored after the pass; {FINISH_HINT}")
         with env.begin(write=True, db=meta_db) as txn:

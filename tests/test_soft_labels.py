@@ -1,0 +1,223 @@
+"""Offline soft labels: stored-logit reconstruction, crop replay, exact equality with online
+distillation when k = classes, resumable/refusing store, photo data with corrupt images."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lmdb
+import numpy as np
+import pytest
+import torch
+from data_fixtures import image_tree  # noqa: F401  (fixture)
+from PIL import Image
+from torchvision.transforms.v2 import functional as F
+
+from wsld.cli import main
+from wsld.config import load_config
+from wsld.data import build_datasets
+from wsld.losses import kd, wsld
+from wsld.data.sampling import sample_seed
+from wsld.soft_labels import (
+    COMPLETE_KEY, CROPS_DB, META_DB, ReplayDataset, SoftLabelStore, crop_params, image_key, teacher_logits_from_stored,
+)  # fmt: skip
+
+DIGITS = ["data.dataset=digits", "data.batch_size=128", "data.workers=0", "train.progress=false",
+          "teacher_train.epochs=1", "train.log_every=1"]  # fmt: skip
+
+
+def _stored_form(z: torch.Tensor, y: torch.Tensor, k: int, dtype=torch.float32):
+    lse = torch.logsumexp(z, dim=1)
+    val, idx = z.topk(k, dim=1)
+    return (val - lse[:, None]).to(dtype), idx, lse, z.gather(1, y[:, None])[:, 0]
+
+
+def test_rebuilt_logits_are_exact_when_k_is_all_classes():
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(64, 10, generator=g) * 4
+    y = torch.randint(0, 10, (64,), generator=g)
+    s = torch.randn(64, 10, generator=g) * 3
+    rebuilt = teacher_logits_from_stored(*_stored_form(z, y, 10), y, 10)
+    assert torch.allclose(rebuilt, z, atol=1e-5)
+    for fn in (wsld, kd):
+        a, pa = fn(s, z, y, T=4.0, alpha=0.9)
+        b, pb = fn(s, rebuilt, y, T=4.0, alpha=0.9)
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-6)
+        assert torch.allclose(pa["weight_mean"], pb["weight_mean"], rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_top_k_keeps_the_tail_mass_and_the_teacher_ce(dtype):
+    g = torch.Generator().manual_seed(1)
+    C, k = 100, 5
+    z = torch.randn(32, C, generator=g) * 3
+    y = torch.randint(0, C, (32,), generator=g)
+    lp, idx, lse, zy = _stored_form(z, y, k, dtype)
+    r = teacher_logits_from_stored(lp, idx, lse, zy, y, C)
+    rows = torch.arange(32)
+    # exact: log-sum-exp at T = 1, the true class's logit, hence CE_teacher(y) and the WSLD weight
+    assert torch.allclose(torch.logsumexp(r, 1), lse, atol=1e-4)
+    assert torch.allclose(r[rows, y], zy)
+    ce_t = torch.nn.functional.cross_entropy(r, y, reduction="none")
+    assert torch.allclose(ce_t, lse - zy, atol=1e-4)
+    # the stored top-k (bar the true class) as stored; the rest share one value below the k-th
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert torch.allclose(r.gather(1, idx), (lp.float() + lse[:, None]).where(idx != y[:, None], r.gather(1, idx)), atol=tol)
+    known = torch.zeros(32, C, dtype=torch.bool).scatter_(1, idx, True)
+    known[rows, y] = True
+    tail = r.masked_fill(known, float("nan"))
+    assert torch.allclose(torch.nanquantile(tail, 0.0, dim=1), torch.nanquantile(tail, 1.0, dim=1))
+    assert (torch.nan_to_num(tail, nan=-1e9).max(1).values <= r.gather(1, idx).min(1).values + 1e-4).all()
+
+
+@pytest.fixture(scope="module")
+def digits_runs(tmp_path_factory):
+    """A digits teacher, a 2-crop float32 top-10 (= all classes) store, an online and a cached run."""
+    tmp = tmp_path_factory.mktemp("soft_labels")
+    common = DIGITS + [f"model.teacher_cache={tmp / 'cache'}", "train.epochs=2"]
+    store = tmp / "store"
+    assert main(["soft-labels", *common, "--crops", "2", "--precision", "float32", "--out", str(store)]) == 0
+    assert main(["train", *common, "--out", str(tmp / "online")]) == 0
+    assert main(["train", *common, f"distill.soft_labels={store}", "--out", str(tmp / "cached")]) == 0
+    return tmp, common, store
+
+
+def _train_records(run: Path) -> list[dict]:
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["kind"] == "train"]
+
+
+def test_cached_training_reproduces_online_losses(digits_runs):
+    tmp, _, _ = digits_runs
+    online, cached = _train_records(tmp / "online"), _train_records(tmp / "cached")
+    assert len(online) == len(cached) == 20  # 2 epochs x 10 steps, every step logged
+    for a, b in zip(online, cached):
+        for key in ("loss", "hard", "soft", "weight_mean"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), (a["global_step"], key)
+    assert online[0]["soft"] > 0 and online[0]["weight_mean"] > 0
+    s_on = json.loads((tmp / "online" / "summary.json").read_text())
+    s_ca = json.loads((tmp / "cached" / "summary.json").read_text())
+    assert s_ca["teacher"] is None  # no teacher model was built
+    assert s_ca["last_top1"] == pytest.approx(s_on["last_top1"], abs=0.5)
+
+
+def test_replayed_crop_equals_the_stored_box(digits_runs):
+    _, common, store_path = digits_runs
+    cfg = load_config(None, common + [f"distill.soft_labels={store_path}"])
+    train, _, _ = build_datasets(cfg.data, seed=0)
+    store = SoftLabelStore(store_path)
+    replay = ReplayDataset(train, store)
+    pad = 1  # digits: RandomCrop(8, padding=1), no flip
+    seen_boxes = set()
+    for i in range(0, len(train), 97):
+        padded = torch.nn.functional.pad(train.images[i], (pad, pad, pad, pad))
+        for epoch in range(4):  # epochs 2 and 3 replay crops 0 and 1 again
+            k = epoch % store.crops
+            img, label, rec = replay[(i, sample_seed(0, k, i), k)]
+            top, left, h, w = (int(v) for v in rec["box"][0])
+            want = padded[:, top + pad : top + pad + h, left + pad : left + pad + w]
+            if rec["flip"][0]:
+                want = want.flip(-1)
+            assert torch.equal(img, want)
+            assert label == train.targets[i]
+            seen_boxes.add((top, left))
+    assert len(seen_boxes) > 3  # the crops really move
+
+
+def test_fashion_mnist_crop_params_with_flips():
+    cfg = load_config(None, ["data.dataset=fashion-mnist"])
+    train, _, _ = build_datasets(cfg.data, seed=0)
+    flips = 0
+    for i in range(12):
+        seed = sample_seed(7, 3, i)
+        top, left, h, w, flip = crop_params(train, i, seed)
+        img, _ = train[(i, seed)]
+        padded = torch.nn.functional.pad(train.images[i], (2, 2, 2, 2))
+        want = padded[:, top + 2 : top + 2 + h, left + 2 : left + 2 + w]
+        assert torch.equal(img, want.flip(-1) if flip else want)
+        flips += flip
+    assert 0 < flips < 12
+
+
+def test_photo_crop_params_match_the_transform(image_tree):  # noqa: F811
+    cfg = load_config(None, ["data.format=folder", f"data.data_path={image_tree.root}", "data.image_size=24",
+                             "data.fast_decode=false"])  # fmt: skip
+    train, _, _ = build_datasets(cfg.data, seed=0)
+    good = [i for i in range(len(train)) if isinstance(train[i], tuple)]
+    flips = 0
+    for i in good[:5]:
+        for k in range(3):
+            seed = sample_seed(0, k, i)
+            top, left, h, w, flip = crop_params(train, i, seed)
+            img, _ = train[(i, seed)]
+            src = torch.from_numpy(np.array(Image.open(train.describe(i)).convert("RGB"))).permute(2, 0, 1)
+            want = F.resized_crop(src, top, left, h, w, [24, 24], antialias=True)
+            if flip:
+                want = want.flip(-1)
+            assert (img.int() - want.int()).abs().max() <= 1  # same box; resize kernels may round differently
+            flips += flip
+    assert flips > 0
+
+
+def _drop_completion_and(store: Path, indices: list[int]) -> None:
+    env = lmdb.open(str(store), max_dbs=2)
+    with env.begin(write=True) as txn:
+        txn.delete(COMPLETE_KEY, db=env.open_db(META_DB, txn=txn))
+        crops = env.open_db(CROPS_DB, txn=txn)
+        for i in indices:
+            txn.delete(image_key(i), db=crops)
+    env.close()
+
+
+def test_incomplete_store_is_refused_then_resumed(digits_runs, tmp_path, capsys):
+    import shutil
+
+    tmp, common, store = digits_runs
+    copy = tmp_path / "store"
+    shutil.copytree(store, copy)
+    _drop_completion_and(copy, [5, 6, 7])
+    assert main(["train", *common, f"distill.soft_labels={copy}", "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "incomplete (1344 of 1347 images done)" in err and "wsld soft-labels" in err
+    assert not (tmp_path / "run").exists()
+    # a different setting may not finish it; the same command does, redoing only the missing images
+    assert main(["soft-labels", *common, "--crops", "3", "--precision", "float32", "--out", str(copy)]) == 2
+    assert "other crops" in capsys.readouterr().err
+    assert main(["soft-labels", *common, "--crops", "2", "--precision", "float32", "--out", str(copy)]) == 0
+    out = capsys.readouterr()
+    assert "1344 of 1347 images already done, 3 to go" in out.err
+    assert "1347 images (3 new)" in out.out and "per image" in out.out
+    assert SoftLabelStore(copy).records(5).tobytes() == SoftLabelStore(store).records(5).tobytes()
+
+
+def test_store_mismatch_and_bad_arguments(digits_runs, tmp_path, capsys):
+    tmp, common, store = digits_runs
+    assert main(["train", *common, f"distill.soft_labels={store}", "data.augment=false", "--out", str(tmp_path / "r")]) == 2
+    assert "data.augment=True" in capsys.readouterr().err
+    assert main(["train", *common, f"distill.soft_labels={tmp_path / 'nothing'}", "--out", str(tmp_path / "r")]) == 2
+    assert "no soft-label store" in capsys.readouterr().err
+    assert main(["soft-labels", *common, "--crops", "2"]) == 2
+    assert "give --out" in capsys.readouterr().err
+    assert main(["soft-labels", *common, "--crops", "0", "--out", str(tmp_path / "s")]) == 2
+    assert main(["soft-labels", *common, "model.teacher_bn_mode=train", "--crops", "1", "--out", str(tmp_path / "s")]) == 2
+    assert "teacher_bn_mode=eval" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
+def test_photo_folder_store_skips_corrupt_images(image_tree, tmp_path, capsys):  # noqa: F811
+    common = [
+        "data.format=folder", f"data.data_path={image_tree.root}", "data.image_size=16", "data.batch_size=13",
+        "data.workers=0", "train.progress=false", "teacher_train.epochs=1", "train.epochs=1",
+        f"model.teacher_cache={tmp_path / 'cache'}",
+    ]  # fmt: skip
+    store = tmp_path / "store"
+    assert main(["soft-labels", *common, "--crops", "2", "--topk", "2", "--out", str(store)]) == 0
+    out = capsys.readouterr()
+    assert "2 unreadable images stored without crops" in out.out
+    s = SoftLabelStore(store)
+    empty = [i for i in range(s.meta["count"]) if len(s.records(i)) == 0]
+    assert len(empty) == len(image_tree.unusable)
+    assert main(["train", *common, f"distill.soft_labels={store}", "--out", str(tmp_path / "run")]) == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["corrupt_images"] == len(image_tree.unusable)
