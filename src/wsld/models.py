@@ -26,9 +26,9 @@ def _conv_bn(cin: int, cout: int, stride: int = 1, groups: int = 1) -> nn.Sequen
 
 
 class CNNTeacher(nn.Module):
-    """Four 3x3 conv layers with BN in two stages (~0.3M parameters): ~92% on Fashion-MNIST in 4 epochs."""
+    """Five 3x3 conv layers with BN (~35k parameters): about 92% on Fashion-MNIST in 4 epochs."""
 
-    def __init__(self, num_classes: int = 10, in_channels: int = 1, width: int = 32):
+    def __init__(self, num_classes: int = 10, in_channels: int = 1, width: int = 16):
         super().__init__()
         w = width
         self.features = nn.Sequential(
