@@ -47,8 +47,13 @@ def record_key(i: int) -> bytes:
     return b"%010d" % i
 
 
+# file and class names that are not valid UTF-8 (kept as surrogate escapes by the list readers)
+# are stored as their original bytes and come back unchanged
+NAME_ERRORS = "surrogateescape"
+
+
 def encode_record(path: str, label: int, data: bytes) -> bytes:
-    return msgpack.packb({"path": path, "label": int(label), "data": data}, use_bin_type=True)
+    return msgpack.packb({"path": path, "label": int(label), "data": data}, use_bin_type=True, unicode_errors=NAME_ERRORS)
 
 
 class RecordError(Exception):
@@ -58,7 +63,7 @@ class RecordError(Exception):
 def decode_record(value) -> tuple[str, int, bytes]:
     """``(path, label, image bytes)`` of a wsld record."""
     try:
-        rec = msgpack.unpackb(value, raw=False)
+        rec = msgpack.unpackb(value, raw=False, unicode_errors=NAME_ERRORS)
         return rec["path"], int(rec["label"]), rec["data"]
     except Exception as e:  # noqa: BLE001 - any malformed value
         raise RecordError(f"malformed record ({type(e).__name__}: {e})") from None
@@ -164,7 +169,7 @@ def read_meta(txn) -> Optional[dict]:
     if raw is None:
         return None
     try:
-        meta = msgpack.unpackb(raw, raw=False)
+        meta = msgpack.unpackb(raw, raw=False, unicode_errors=NAME_ERRORS)
     except Exception as e:  # noqa: BLE001
         raise DataError(f"LMDB metadata record is damaged ({e}); re-run 'wsld data pack' with --overwrite") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:

@@ -28,6 +28,7 @@ from wsld.data.images import ImageDecodeError, load_pixels, open_image, to_rgb
 from wsld.data.lists import ImageList, find_classes, present_splits, read_list, scan_split
 from wsld.data.lmdb_reader import (
     COMPLETE_KEY,
+    NAME_ERRORS,
     FORMAT_NAME,
     FORMAT_VERSION,
     META_KEY,
@@ -223,7 +224,7 @@ def pack_lmdb(
                 "resize_short": resize_short, "quality": options["quality"], "source": str(lst.split_dir),
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             }  # fmt: skip
-            commit([], {META_KEY: msgpack.packb(meta, use_bin_type=True), PROGRESS_KEY: b"0"})
+            commit([], {META_KEY: msgpack.packb(meta, use_bin_type=True, unicode_errors=NAME_ERRORS), PROGRESS_KEY: b"0"})
         if progress:
             from tqdm import tqdm
 
