@@ -20,7 +20,7 @@ from wsld.data import build_datasets
 from wsld.losses import kd, wsld
 from wsld.data.sampling import sample_seed
 from wsld.soft_labels import (
-    COMPLETE_KEY, CROPS_DB, META_DB, ReplayDataset, SoftLabelStore, crop_params, image_key, teacher_logits_from_stored,
+    COMPLETE_KEY, ReplayDataset, SoftLabelStore, crop_params, image_key, teacher_logits_from_stored,
 )  # fmt: skip
 
 DIGITS = ["data.dataset=digits", "data.batch_size=128", "data.workers=0", "train.progress=false",
@@ -161,12 +161,11 @@ def test_photo_crop_params_match_the_transform(image_tree):  # noqa: F811
 
 
 def _drop_completion_and(store: Path, indices: list[int]) -> None:
-    env = lmdb.open(str(store), max_dbs=2)
+    env = lmdb.open(str(store))
     with env.begin(write=True) as txn:
-        txn.delete(COMPLETE_KEY, db=env.open_db(META_DB, txn=txn))
-        crops = env.open_db(CROPS_DB, txn=txn)
+        txn.delete(COMPLETE_KEY)
         for i in indices:
-            txn.delete(image_key(i), db=crops)
+            txn.delete(image_key(i))
     env.close()
 
 
@@ -203,6 +202,13 @@ def test_store_mismatch_and_bad_arguments(digits_runs, tmp_path, capsys):
     assert main(["soft-labels", *common, "model.teacher_bn_mode=train", "--crops", "1", "--out", str(tmp_path / "s")]) == 2
     assert "teacher_bn_mode=eval" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+    images = tmp_path / "images"  # an LMDB that is not a soft-label store is never written into
+    env = lmdb.open(str(images))
+    with env.begin(write=True) as txn:
+        txn.put(b"0000000000", b"image bytes")
+    env.close()
+    assert main(["soft-labels", *common, "--crops", "1", "--out", str(images)]) == 2
+    assert "not a soft-label store" in capsys.readouterr().err
 
 
 def test_photo_folder_store_skips_corrupt_images(image_tree, tmp_path, capsys):  # noqa: F811

@@ -13,13 +13,13 @@ dataset for image ``i`` with the seed ``sample_seed(seed, e mod K, i)``: the sam
 the same seed gives the same pixels. The box and flip bit are stored too, read from the
 transform under that seed, so the replay can be checked against them.
 
-Store (one LMDB directory, two named databases):
+Store (one LMDB directory):
 
-- ``meta`` / ``meta``: JSON (format, crops K, topk k, precision, classes, count, teacher and the
-  SHA-256 of its weights, seed, the data keys that shape a crop, the SHA-256 of the labels),
-  written first; ``meta`` / ``complete``: JSON ``{"count": n}``, written last. Without it the store
-  is incomplete and training refuses it.
-- ``crops`` / 8-byte big-endian image index -> K packed records (``record_dtype``): ``box``
+- ``__wsld_soft_labels_meta__``: JSON (format, crops K, topk k, precision, classes, count, teacher
+  and the SHA-256 of its weights, seed, the data keys that shape a crop, the SHA-256 of the
+  labels), written first; ``__wsld_soft_labels_complete__``: JSON ``{"count": n}``, written last.
+  Without it the store is incomplete and training refuses it.
+- 8-byte big-endian image index -> K packed records (``record_dtype``): ``box``
   (top, left, height, width in source-image pixels; negative = padding), ``flip``,
   ``class_index`` (top-k classes, most probable first), ``log_prob`` (the teacher's top-k
   log-probabilities at T = 1, float16 by default), ``lse`` (log-sum-exp of all logits, float32),
@@ -59,8 +59,7 @@ from wsld.errors import DataError, UserError
 
 FORMAT = "wsld-soft-labels"
 FORMAT_VERSION = 1
-META_DB, CROPS_DB = b"meta", b"crops"
-META_KEY, COMPLETE_KEY = b"meta", b"complete"
+META_KEY, COMPLETE_KEY = b"__wsld_soft_labels_meta__", b"__wsld_soft_labels_complete__"  # never 8 bytes long
 PRECISIONS = {"float16": "<f2", "float32": "<f4"}
 # data keys that decide which pixels a seeded training crop holds
 CROP_DATA_KEYS = (
@@ -236,41 +235,16 @@ def crop_params(dataset: Dataset, index: int, seed: int) -> tuple[int, int, int,
 # --------------------------------------------------------------------------- the store
 
 
-def _open_env(path: Path, readonly: bool, map_size: int = 1 << 26):
-    import lmdb
-
-    if readonly:
-        return lmdb.open(str(path), readonly=True, lock=False, readahead=False, max_dbs=2, subdir=True)
-    return lmdb.open(str(path), map_size=map_size, subdir=True, readahead=False, meminit=False, max_dbs=2)
-
-
-_READERS: dict[tuple[str, int], Any] = {}  # one read-only environment per store and process (LMDB allows no second)
-
-
-def _reader(path: Path):
-    key = (str(path.resolve()), os.getpid())
-    env = _READERS.get(key)
-    if env is None:
-        env = _READERS[key] = _open_env(path, readonly=True)
-    return env
-
-
-def _close_reader(path: Path) -> None:
-    env = _READERS.pop((str(path.resolve()), os.getpid()), None)
-    if env is not None:
-        env.close()
-
-
 def _read_meta(env) -> tuple[Optional[dict], Optional[dict]]:
-    import lmdb
-
-    try:
-        db = env.open_db(META_DB, create=False)
-    except lmdb.NotFoundError:
-        return None, None
-    with env.begin(db=db) as txn:
+    with env.begin() as txn:
         meta, done = txn.get(META_KEY), txn.get(COMPLETE_KEY)
     return (json.loads(meta) if meta else None), (json.loads(done) if done else None)
+
+
+def _image_count(env) -> int:
+    """Image records: every key but the two metadata keys."""
+    with env.begin() as txn:
+        return int(txn.stat()["entries"]) - sum(1 for k in (META_KEY, COMPLETE_KEY) if txn.get(k) is not None)
 
 
 class SoftLabelStore:
@@ -280,9 +254,11 @@ class SoftLabelStore:
         self.path = Path(os.path.expanduser(str(path)))
         if not (self.path / "data.mdb").is_file():
             raise DataError(f"distill.soft_labels: no soft-label store at {self.path} (make one with 'wsld soft-labels')")
-        env = _reader(self.path)
+        from wsld.data.lmdb_reader import shared_env
+
+        env = shared_env(self.path)  # this process's read-only handle (DataLoader workers open their own)
         meta, done = _read_meta(env)
-        n_done = self._entries(env) if meta is not None else 0
+        n_done = _image_count(env) if meta is not None else 0
         if meta is None or meta.get("format") != FORMAT:
             raise DataError(f"distill.soft_labels: {self.path} is an LMDB but not a wsld soft-label store")
         if meta.get("version") != FORMAT_VERSION:
@@ -295,17 +271,11 @@ class SoftLabelStore:
         self.crops, self.topk = int(meta["crops"]), int(meta["topk"])
         self.dtype = record_dtype(self.topk, len(meta["classes"]), meta["precision"])
 
-    @staticmethod
-    def _entries(env) -> int:
-        db = env.open_db(CROPS_DB, create=False)
-        with env.begin(db=db) as txn:
-            return int(txn.stat(db)["entries"])
-
     def records(self, index: int) -> np.ndarray:
         """The K records of image ``index`` (empty if it was unreadable when the store was made)."""
-        env = _reader(self.path)  # opened lazily in each DataLoader worker process
-        db = env.open_db(CROPS_DB, create=False)
-        with env.begin(db=db, buffers=False) as txn:
+        from wsld.data.lmdb_reader import shared_env
+
+        with shared_env(self.path).begin(buffers=False) as txn:
             value = txn.get(image_key(index))
         if value is None:
             raise DataError(f"soft-label store {self.path} has no record of image {index}: it does not belong to this data")
@@ -492,6 +462,7 @@ def make_soft_labels(
     from tqdm import tqdm
 
     from wsld.data import build_datasets
+    from wsld.data.lmdb_reader import release_env
     from wsld.engine import (BatchNormalizer, _autocast, amp_dtype_for, ensure_teacher, seed_everything,
                              set_teacher_bn_mode, setup_runtime, use_channels_last)  # fmt: skip
     from wsld.models import build_model
@@ -543,26 +514,26 @@ def make_soft_labels(
     if out.is_dir() and any(out.iterdir()) and not (out / "data.mdb").is_file():
         raise UserError(f"--out {out} is a folder that holds other files: give a new or empty folder")
     out.mkdir(parents=True, exist_ok=True)
-    _close_reader(out)
+    release_env(out)  # a read-only handle of this process would block the writer
     try:
-        env = _open_env(out, readonly=False, map_size=int(n * est * 1.25) + (64 << 20))
+        env = lmdb.open(str(out), map_size=int(n * est * 1.25) + (64 << 20), subdir=True, readahead=False, meminit=False)
     except lmdb.Error as e:
         raise UserError(f"cannot open {out} as an LMDB for writing: {e}") from None
     try:
-        old, done_marker = _read_meta(env)
+        old, _ = _read_meta(env)
+        if old is None and env.stat()["entries"] > 0:
+            raise UserError(f"--out {out} is an LMDB but not a soft-label store: choose another folder")
         if old is not None:
             diff = [k for k in IDENTITY_KEYS if old.get(k) != meta.get(k)]
             if diff:
                 raise UserError(
                     f"{out} holds soft labels made with other {', '.join(diff)}: remove it or choose another --out"
                 )
-        meta_db = env.open_db(META_DB)
-        crops_db = env.open_db(CROPS_DB)
         if old is None:
-            with env.begin(write=True, db=meta_db) as txn:
+            with env.begin(write=True) as txn:
                 txn.put(META_KEY, json.dumps(meta).encode())
-        with env.begin(db=crops_db) as txn:
-            have = {struct.unpack(">Q", k)[0] for k in txn.cursor().iternext(keys=True, values=False)}
+        with env.begin() as txn:
+            have = {struct.unpack(">Q", k)[0] for k in txn.cursor().iternext(keys=True, values=False) if len(k) == 8}
         todo = [i for i in range(n) if i not in have]
         if have:
             log(f"{out}: {len(have)} of {n} images already done, {len(todo)} to go")
@@ -607,7 +578,7 @@ def make_soft_labels(
                         values[it[0]] = rec[j * crops : (j + 1) * crops].tobytes()
                 while True:
                     try:
-                        with env.begin(write=True, db=crops_db) as txn:
+                        with env.begin(write=True) as txn:
                             for i, v in values.items():
                                 txn.put(image_key(i), v)
                         break
@@ -615,12 +586,12 @@ def make_soft_labels(
                         env.set_mapsize(env.info()["map_size"] * 2)
                 bar.update(len(items))
         bar.close()
-        with env.begin(db=crops_db) as txn:
-            entries = int(txn.stat(crops_db)["entries"])
-            bad_images = sum(1 for v in txn.cursor().iternext(keys=False, values=True) if len(v) == 0)
+        entries = _image_count(env)
+        with env.begin() as txn:
+            bad_images = sum(1 for k, v in txn.cursor() if len(k) == 8 and len(v) == 0)
         if entries != n:
             raise DataError(f"{out}: {entries} of {n} images stored after the pass; {FINISH_HINT}")
-        with env.begin(write=True, db=meta_db) as txn:
+        with env.begin(write=True) as txn:
             txn.put(COMPLETE_KEY, json.dumps({"count": n, "unreadable": bad_images, "time": round(time.time(), 3)}).encode())
         env.sync(True)
     finally:
