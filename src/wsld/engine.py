@@ -457,12 +457,23 @@ def teacher_training_config(cfg: Config) -> Config:
     return config_from_dict(d)
 
 
+def architecture_fingerprint(name: str) -> list:
+    """Parameter names and shapes of model ``name`` (built on the meta device: no memory, no
+    init cost), so a cached teacher is not reused after the architecture's code changed."""
+    family = check_model_name(name, "model.teacher")
+    with torch.device("meta"):
+        model = build_model(name, 1, in_channels=1 if family == "local" else 3)
+    return [[k, list(v.shape)] for k, v in model.state_dict().items()]
+
+
 def teacher_cache_key(cfg: Config) -> str:
-    """Hash of everything that changes the trained teacher (its training config minus resume-safe keys)."""
+    """Hash of everything that changes the trained teacher: its training config (minus
+    resume-safe keys) and its architecture."""
     d = to_dict(teacher_training_config(cfg))
     for dotted in RESUME_SAFE_KEYS:
         section, key = dotted.split(".")
         d[section].pop(key, None)
+    d["architecture"] = architecture_fingerprint(cfg.model.teacher)
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
 
