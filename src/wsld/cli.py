@@ -45,6 +45,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def one_line(err: BaseException) -> str:
+    """The user's line: a UserError re-raised from a DataLoader worker carries the worker's traceback."""
+    text = str(err).strip()
+    if "Original Traceback" in text:
+        last = [ln for ln in text.splitlines() if ln.strip()][-1]
+        prefix = f"{type(err).__name__}: "
+        text = last.split(prefix, 1)[1] if prefix in last else last
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     # `wsld train CONFIG --out DIR key=value ...`: argparse stops filling a positional list at an
@@ -62,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except UserError as e:
-        print(f"wsld: error: {e}", file=sys.stderr)
+        print(f"wsld: error: {one_line(e)}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("wsld: interrupted", file=sys.stderr)
