@@ -175,8 +175,9 @@ def _photo_transform_params(transform: Any, img: Any, seed: Optional[int]) -> tu
 class _RecordingTransform:
     """Runs the real transform; first reads its box and flip from the same random numbers.
 
-    Two transform protocols exist: photo transforms ``t(img, seed)`` draw from their own generator;
-    tensor transforms ``t(img)`` (built-in data) draw from torch's global RNG, seeded by the caller.
+    Photo transforms ``t(img, seed)`` and the built-in ``PadCropFlip`` ``t(img, generator)`` draw
+    from their own per-sample generator; a plain tensor transform ``t(img)`` draws from torch's
+    global RNG, seeded by the caller.
     """
 
     def __init__(self, inner: Callable):
@@ -186,8 +187,17 @@ class _RecordingTransform:
     def __call__(self, img, *seed):
         from wsld.data.transforms import TrainTransform
 
+        from wsld.data.builtin import PadCropFlip
+
         if isinstance(self.inner, TrainTransform):
             self.last = _photo_transform_params(self.inner, img, seed[0] if seed else None)
+        elif isinstance(self.inner, PadCropFlip) and seed and isinstance(seed[0], torch.Generator):
+            g = seed[0]  # built-in data: the transform draws from this per-sample generator
+            state = g.get_state()
+            top, left, flip = self.inner.params(g)
+            g.set_state(state)
+            p = self.inner.pad
+            self.last = (top - p, left - p, int(img.shape[-2]), int(img.shape[-1]), int(flip))
         elif isinstance(img, Tensor) and not seed:
             state = torch.get_rng_state()
             self.last = _tensor_transform_params(self.inner, tuple(img.shape))
@@ -392,7 +402,11 @@ def stored_teacher_logits_fn(cfg, info, device: torch.device) -> Callable[[Tenso
     store = SoftLabelStore(cfg.distill.soft_labels)
     if store.meta["classes"] != list(info.classes):
         raise UserError(f"distill.soft_labels: {store.path} was made for other classes than this data's")
-    num_classes = info.num_classes
+    return teacher_logits_fn_for(info.num_classes)
+
+
+def teacher_logits_fn_for(num_classes: int) -> Callable[[Tensor, Any], Tensor]:
+    """``fn(images, extra)``: the batch's teacher logits from the records ``collate_replay`` put in ``extra``."""
 
     def teacher_logits(images: Tensor, extra: Any) -> Tensor:
         if not isinstance(extra, dict) or "log_prob" not in extra:

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from wsld.data.sampling import seeded_rng, split_key
+from wsld.data.sampling import split_key
 from wsld.errors import DataError
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -33,7 +33,10 @@ GET_FASHION_MNIST = (
 
 
 class TensorImageDataset(Dataset):
-    """In-memory uint8 images (N, C, H, W) with integer labels; keys may carry an augmentation seed."""
+    """In-memory uint8 images (N, C, H, W) with integer labels; keys may carry an augmentation seed.
+
+    ``transform(img, generator)`` draws its random numbers from a generator seeded with the key's seed.
+    """
 
     def __init__(self, images: Tensor, targets: list[int], classes: list[str], transform: Optional[Callable] = None):
         self.images = images
@@ -48,8 +51,8 @@ class TensorImageDataset(Dataset):
         index, seed = split_key(key)
         img = self.images[index]
         if self.transform is not None:
-            with seeded_rng(seed):
-                img = self.transform(img)
+            g = torch.Generator().manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, (1,)).item()))
+            img = self.transform(img, g)
         return img, self.targets[index]
 
     def describe(self, index: int) -> str:
@@ -126,16 +129,31 @@ BUILTIN_DATASETS: dict[str, dict] = {
 }
 
 
-def build_builtin(name: str, split: str, data_path: Optional[str], train: bool, augment: bool, hflip: bool):
-    from torchvision.transforms import v2
+class PadCropFlip:
+    """Random crop of a zero-padded image (+ horizontal flip), drawn from a per-sample generator.
 
+    The same as torchvision's RandomCrop(size, padding) + RandomHorizontalFlip, but reading its
+    random numbers from ``g`` (seeded per sample), so there is no global-RNG re-seeding per sample.
+    """
+
+    def __init__(self, pad: int, flip: bool):
+        self.pad, self.flip = pad, flip
+
+    def params(self, g: torch.Generator) -> tuple[int, int, bool]:
+        top = int(torch.randint(0, 2 * self.pad + 1, (1,), generator=g))
+        left = int(torch.randint(0, 2 * self.pad + 1, (1,), generator=g))
+        flip = self.flip and bool(torch.rand(1, generator=g) < 0.5)
+        return top, left, flip
+
+    def __call__(self, img: Tensor, g: torch.Generator) -> Tensor:
+        top, left, flip = self.params(g)
+        h, w = img.shape[-2:]
+        out = torch.nn.functional.pad(img, (self.pad,) * 4)[..., top : top + h, left : left + w]
+        return out.flip(-1) if flip else out.contiguous()
+
+
+def build_builtin(name: str, split: str, data_path: Optional[str], train: bool, augment: bool, hflip: bool):
     spec = BUILTIN_DATASETS[name]
     images, targets = spec["load"](split, data_path=data_path)
-    transform = None
-    if train and augment:
-        size = images.shape[-1]
-        steps = [v2.RandomCrop(size, padding=spec["pad"])]
-        if hflip and spec["flip"]:
-            steps.append(v2.RandomHorizontalFlip())
-        transform = v2.Compose(steps)
+    transform = PadCropFlip(spec["pad"], hflip and spec["flip"]) if train and augment else None
     return TensorImageDataset(images, targets, spec["classes"], transform), spec
