@@ -89,12 +89,12 @@ class TrainConfig:
     step_size: int = 30  # step: lr x gamma every step_size epochs
     milestones: list[int] = field(default_factory=list)  # multistep
     gamma: float = 0.1
-    warmup_epochs: float = 0.0  # linear warmup from 0
+    warmup_epochs: float = 0.0  # linear warmup from 0 over this many (fractional) epochs, then the schedule
     grad_clip: float = 0.0  # max grad norm, 0 = off
     ema_decay: float = 0.0  # EMA of student weights, 0 = off
-    amp: str = "auto"  # auto | off | bf16 | fp16 (auto: bf16 on CUDA, off on CPU)
+    amp: str = "auto"  # auto | off | bf16 | fp16 (auto: bf16 on CUDA, fp16 on GPUs without bf16, off on CPU; fp16 is CUDA-only)
     seed: int = 0
-    deterministic: bool = False
+    deterministic: bool = False  # torch deterministic algorithms (bit-exact resume on CPU; slower on GPU)
     eval_every: int = 1  # epochs
     nan_policy: str = "stop"  # stop | skip
     log_every: int = 50  # steps between metric lines

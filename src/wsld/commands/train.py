@@ -82,11 +82,12 @@ def print_report(s: dict) -> None:
     out = sys.stdout
     print(f"\nwsld result: {s['loss']} ({s['teacher'] or 'no teacher'} -> {s['student']}), {s['epochs']} epochs, run {s['run_dir']}", file=out)
     if s.get("teacher_top1") is not None:
-        print(f"  teacher {s['teacher']:<14} top-1 {s['teacher_top1']:6.2f}  top-5 {s['teacher_top5']:6.2f}", file=out)
+        bn = f", BatchNorm {s['teacher_bn_mode']} mode in distillation" if s.get("teacher_bn_mode") else ""
+        print(f"  teacher {s['teacher']:<14} top-1 {s['teacher_top1']:6.2f}  top-5 {s['teacher_top5']:6.2f}  <- evaluated once at the start{bn}", file=out)
     print(f"  student {s['student']:<14} top-1 {s['last_top1']:6.2f}  top-5 {s['last_top5']:6.2f}  <- last epoch ({s['epochs']}), last.pt: the number to report", file=out)
     print(f"  student {'(best epoch)':<14} top-1 {s['best_top1']:6.2f}                <- best.pt, epoch {s['best_epoch']} (picked on val: optimistic)", file=out)
     if s.get("ema_last_top1") is not None:
-        print(f"  student {'(EMA)':<14} top-1 {s['ema_last_top1']:6.2f}                <- EMA weights, last epoch", file=out)
+        print(f"  student {'(EMA)':<14} top-1 {s['ema_last_top1']:6.2f}  top-5 {s['ema_last_top5']:6.2f}  <- EMA weights in last.pt (wsld eval --ema), last epoch", file=out)
     if s.get("corrupt_images"):
         print(f"  {s['corrupt_images']} corrupt images were skipped (see metrics.jsonl)", file=out)
     if s.get("skipped_steps"):
