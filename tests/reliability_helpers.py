@@ -201,6 +201,8 @@ def assert_same_run(got: Path, want: Path) -> list[dict]:
     assert_same_optimizer(a["optimizer"], b["optimizer"])
     assert (a["epoch"], a["step_in_epoch"], a["global_step"]) == (b["epoch"], b["step_in_epoch"], b["global_step"])
     assert_same_tensors(load(got / "best.pt")["student"], load(want / "best.pt")["student"], "best.pt student")
+    for line in (got / "metrics.jsonl").read_text(encoding="utf-8").splitlines():
+        json.loads(line)  # no half-written line survives a resume
     resumes = [r for r in records(got) if r["kind"] == "resume"]
     got_recs = stable([r for r in records(got) if r["kind"] != "resume"])
     want_recs = stable(records(want))

@@ -119,7 +119,7 @@ def test_kill9_at_four_points_then_resume_is_bit_exact(tmp_path, cache, baseline
 @pytest.fixture(scope="module")
 def ddp_baseline(tmp_path_factory, cache, baseline) -> Path:
     run = tmp_path_factory.mktemp("ddp_baseline") / "run"
-    p = run_to_end([*TORCHRUN_2, "train", *TINY, cache, "train.epochs=2", "--out", str(run)], run.parent / "log.txt")
+    p = run_to_end([*TORCHRUN_2, "train", *TINY, cache, "train.epochs=1", "--out", str(run)], run.parent / "log.txt")
     assert p.returncode == 0, (run.parent / "log.txt").read_text()
     return run
 
@@ -128,7 +128,7 @@ def test_kill9_under_torchrun_2_processes_then_resume_is_bit_exact(tmp_path, cac
     """Rank 0 (the only writer) is killed half-way through a mid-epoch checkpoint; torchrun stops
     rank 1; the resumed 2-process run ends exactly like the uninterrupted one."""
     run = tmp_path / "run"
-    args = [*TINY, cache, "train.epochs=2"]
+    args = [*TINY, cache, "train.epochs=1"]
     seen = {}
 
     def second_checkpoint_half_written() -> bool:  # the write at step 16, last.pt holds step 8
