@@ -99,3 +99,11 @@ def test_weight_decay_on_or_off_for_norm_and_bias():
     assert no_decay["weight_decay"] == 0.0 and all(p.ndim == 1 for p in no_decay["params"])
     assert split.defaults["nesterov"] is True and math.isclose(split.defaults["momentum"], 0.9)
     assert isinstance(build_optimizer(model, _cfg("train.optimizer=adamw"), 0.1), torch.optim.AdamW)
+
+
+def test_amp_off_survives_yaml_booleans(tmp_path):
+    """YAML reads `off` as false: `train.amp=off` on the command line or in a file still means off."""
+    assert load_config(None, ["train.amp=off"]).train.amp == "off"
+    f = tmp_path / "c.yaml"
+    f.write_text("train:\n  amp: off\n")
+    assert load_config(f).train.amp == "off"

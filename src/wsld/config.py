@@ -35,6 +35,10 @@ class DataConfig:
     image_size: int = 224  # train crop / val crop for photo datasets
     val_resize: int = 256  # val: Resize(val_resize) + CenterCrop(image_size)
     min_scale: float = 0.08  # RandomResizedCrop scale lower bound
+    # photos: resized = RandomResizedCrop (ImageNet); padded = Resize + CenterCrop to image_size, then a
+    # random crop of the zero-padded image (small images: CIFAR, Fashion-MNIST; see docs/demo.md)
+    train_crop: str = "resized"
+    crop_padding: int = 4  # padded: zero pixels added on each side before the random crop
     hflip: bool = True
     augment: bool = True  # built-in data: random crop (pad 2) + flip; photos: RandomResizedCrop
     color_jitter: float = 0.0  # reference tool's optional ColorJitter(0.4, 0.4, 0.4) -> 0.4
@@ -214,6 +218,8 @@ def validate(cfg: Config) -> None:
     _choice("train.optimizer", cfg.train.optimizer, {"sgd", "adamw"})
     _choice("train.schedule", cfg.train.schedule, {"cosine", "step", "multistep", "constant"})
     _choice("teacher_train.schedule", cfg.teacher_train.schedule, {"cosine", "step", "multistep", "constant"})
+    if cfg.train.amp in ("False", "false"):  # YAML reads `off` (and `false`) as a boolean
+        cfg.train.amp = "off"
     _choice("train.amp", cfg.train.amp, {"auto", "off", "bf16", "fp16"})
     _choice("train.nan_policy", cfg.train.nan_policy, {"stop", "skip"})
     for key, value in [
@@ -238,6 +244,9 @@ def validate(cfg: Config) -> None:
             raise UserError(f"config key '{key}': must be >= 0, got {value}")
     if not 0 <= cfg.train.ema_decay < 1:
         raise UserError("config key 'train.ema_decay': must be in [0, 1) (0 turns EMA off)")
+    _choice("data.train_crop", cfg.data.train_crop, {"resized", "padded"})
+    if cfg.data.crop_padding < 0:
+        raise UserError(f"config key 'data.crop_padding': must be >= 0, got {cfg.data.crop_padding}")
     if cfg.data.long_tail_ratio < 1:
         raise UserError("config key 'data.long_tail_ratio': must be >= 1 (1 = balanced)")
     for key, v in [("data.mean", cfg.data.mean), ("data.std", cfg.data.std)]:
