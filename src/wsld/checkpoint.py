@@ -85,7 +85,14 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
             pass
     buf = io.BytesIO()
     torch.save(state, buf)
-    atomic_write_bytes(path, buf.getvalue(), pause_s=float(os.environ.get(SLOW_SAVE_ENV) or 0))
+    try:
+        atomic_write_bytes(path, buf.getvalue(), pause_s=float(os.environ.get(SLOW_SAVE_ENV) or 0))
+    except OSError as e:  # disk filled up or went away during the run: the previous file is intact
+        kept = f"the previous {path.name} is intact" if path.is_file() else f"no {path.name} was written"
+        raise CheckpointError(
+            f"could not write checkpoint {path} ({e.strerror or e}); {kept}: free space, then continue with "
+            f"wsld train --resume {path.parent}"
+        ) from None
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
