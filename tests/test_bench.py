@@ -1,0 +1,95 @@
+"""The benchmark scripts run end to end on a tiny size and print their tables (no timing is
+checked here: speed figures live in BENCHMARKS.md). Results go to a temp file, never bench/results."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+BENCH = REPO / "bench"
+TINY_PAIR = ["--teacher", "cnn_teacher", "--student", "cnn_student", "--classes", "10"]
+
+
+def run(script: str, *args: str, check: bool = True, timeout: int = 120) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run([sys.executable, str(BENCH / script), *args], capture_output=True, text=True, env=env,
+                          timeout=timeout, cwd=REPO)  # fmt: skip
+    if check:
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc
+
+
+def load(script: str):
+    """The script as a module, in this process (torch is imported already: fast)."""
+    spec = importlib.util.spec_from_file_location(f"bench_{Path(script).stem}", BENCH / script)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("script", ["step.py", "loss.py", "train_throughput.py"])
+def test_help(script, capsys):
+    with pytest.raises(SystemExit) as e:
+        load(script).main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "usage:" in out and "--out" in out
+
+
+def test_step_then_loss_tables_and_records(tmp_path):
+    step_json, loss_json = tmp_path / "step.json", tmp_path / "loss.json"
+    out = run("step.py", *TINY_PAIR, "--image-size", "28", "--batch-size", "4", "--iters", "2", "--warmup", "1",
+              "--threads", "1", "--out", str(step_json)).stdout  # fmt: skip
+    for row in ("wsld waste (c)/((a)+(b))", "kd distillation overhead (c)/(a)", "(b) teacher inference",
+                "(c) wsld step", "(c) ce step", "finite check off"):  # fmt: skip
+        assert row in out
+    (rec,) = json.loads(step_json.read_text())
+    res = rec["results"][0]
+    assert rec["batch_size"] == 4 and rec["device_type"] == "cpu" and res["config"] == "fp32"
+    assert len(res["times_ms"]["(c) wsld step"]["values"]) == 2 and res["skipped_steps"] == 0
+    assert all(t["median"] > 0 for t in res["times_ms"].values())
+
+    out = run("loss.py", "--batch-size", "16", "--classes", "10", "--iters", "2", "--warmup", "1", "--threads", "1",
+              "--step-json", str(step_json), "--out", str(loss_json)).stdout  # fmt: skip
+    assert "16 x 10 float32 logits" in out and "share of the wsld step" in out and "batch 4 x 10 classes" in out
+    (lrec,) = json.loads(loss_json.read_text())
+    (vs,) = lrec["vs_step"]
+    assert vs["step_ms"] == res["times_ms"]["(c) wsld step"]["median"]
+    assert set(vs["fraction_of_step"]) == {"wsld", "kd", "ce"} and vs["fraction_of_step"]["wsld"] > 0
+
+
+@pytest.mark.parametrize(
+    "script, args, words",
+    [
+        ("step.py", ["--configs", "fp32+turbo"], "turbo"),
+        ("step.py", ["--losses", "wsld,dkd"], "dkd"),
+        ("loss.py", ["--dtypes", "float8"], "float8"),
+        ("train_throughput.py", ["--pairs", "resnet18"], "TEACHER:STUDENT"),
+    ],
+)
+def test_bad_arguments_give_one_line_and_exit_2(script, args, words, tmp_path, capsys):
+    out = tmp_path / "r.json"
+    with pytest.raises(SystemExit) as e:
+        load(script).main([*args, "--out", str(out)])
+    assert e.value.code == 2 and words in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_train_throughput_runs_wsld_train(tmp_path):
+    out_json = tmp_path / "tp.json"
+    out = run("train_throughput.py", "--images", "48", "--classes", "4", "--val-per-class", "1", "--image-size", "32",
+              "--batch-size", "8", "--pairs", "cnn_teacher:cnn_student", "--workers", "0", "--log-every", "2",
+              "--workdir", str(tmp_path / "work"), "--out", str(out_json), timeout=240).stdout  # fmt: skip
+    assert "cnn_teacher -> cnn_student" in out and "data wait" in out
+    (rec,) = json.loads(out_json.read_text())
+    (r,) = rec["runs"]
+    # 48 images / batch 8 = 6 steps, windows of 2: the first is warm-up, two remain
+    assert r["windows"] == 2 and r["images"] == 32 and r["workers"] == 0
+    assert r["img_per_s"] > 0 and 0.0 <= r["data_wait_frac"] <= 1.0
