@@ -954,7 +954,7 @@ class Trainer:
     def _batch_is_empty(self, images: Tensor) -> bool:
         """Under DDP all ranks must skip together, or the others would wait in backward forever."""
         n = images.shape[0]
-        if not self.rt.distributed:
+        if not self.rt.distributed or self.cfg.data.format == "builtin":  # built-in samples never fail
             return n == 0
         t = torch.tensor([n], device=self.rt.device, dtype=torch.int64)
         dist.all_reduce(t, op=dist.ReduceOp.MIN)
