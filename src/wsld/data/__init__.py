@@ -55,6 +55,9 @@ class SubsetWithTargets(Subset):
             return self.dataset[(self.indices[key[0]], key[1])]
         return self.dataset[self.indices[key]]
 
+    def __getitems__(self, keys):  # torch refuses a Subset that overrides only __getitem__
+        return [self[k] for k in keys]
+
 
 def build_datasets(cfg, seed: int = 0) -> tuple[Dataset, Dataset, DataInfo]:
     """Train and val datasets for a ``DataConfig``; the single entry point the engine uses."""

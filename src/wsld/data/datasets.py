@@ -135,7 +135,8 @@ def _transforms(cfg) -> tuple[Callable, Callable]:
     val = ValTransform(cfg.image_size, cfg.val_resize, fast_decode=cfg.fast_decode)
     if not cfg.augment:
         return val, val
-    train = TrainTransform(cfg.image_size, cfg.min_scale, cfg.hflip, cfg.color_jitter, fast_decode=cfg.fast_decode)
+    train = TrainTransform(cfg.image_size, cfg.min_scale, cfg.hflip, cfg.color_jitter, fast_decode=cfg.fast_decode,
+                           crop=getattr(cfg, "train_crop", "resized"), padding=getattr(cfg, "crop_padding", 4))
     return train, val
 
 

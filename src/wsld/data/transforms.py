@@ -101,19 +101,46 @@ class _ColorJitter:
 
 
 class TrainTransform:
-    """RandomResizedCrop(size, scale=(min_scale, 1)) + horizontal flip (+ ColorJitter(c, c, c))."""
+    """RandomResizedCrop(size, scale=(min_scale, 1)) + horizontal flip (+ ColorJitter(c, c, c)).
+
+    ``crop="padded"`` instead takes the validation view (Resize + CenterCrop to ``size``) and a
+    random ``size`` crop of it zero-padded by ``padding`` pixels (torchvision's RandomCrop(size,
+    padding), random numbers drawn top, left, then flip): the usual augmentation for small images
+    (CIFAR, Fashion-MNIST), where RandomResizedCrop would mostly blur them.
+    """
 
     def __init__(self, image_size: int, min_scale: float = 0.08, hflip: bool = True, color_jitter: float = 0.0,
-                 fast_decode: bool = True):
+                 fast_decode: bool = True, crop: str = "resized", padding: int = 4):
+        if crop not in ("resized", "padded"):
+            raise ValueError(f"crop must be 'resized' or 'padded', got {crop!r}")
         self.size = int(image_size)
         self.scale = (float(min_scale), 1.0)
         self.hflip = hflip
         self.fast_decode = fast_decode
         self.jitter = _ColorJitter(color_jitter) if color_jitter > 0 else None
+        self.crop = crop
+        self.padding = int(padding)
+        self._view = ValTransform(self.size, self.size, fast_decode) if crop == "padded" else None
+
+    def _padded_crop(self, img: EncodedImage, g: torch.Generator) -> Tensor:
+        t = self._view(img)  # type: ignore[misc]
+        p = self.padding
+        top = int(torch.randint(0, 2 * p + 1, (1,), generator=g))
+        left = int(torch.randint(0, 2 * p + 1, (1,), generator=g))
+        if p:
+            t = torch.nn.functional.pad(t, (p, p, p, p))[:, top : top + self.size, left : left + self.size]
+        return t
 
     def __call__(self, img: EncodedImage, seed: Optional[int] = None) -> Tensor:
         """``img``'s header is read, its pixels not yet decoded; returns uint8 (3, size, size)."""
         g = _generator(seed)
+        if self.crop == "padded":
+            out = self._padded_crop(img, g)
+            if self.hflip and torch.rand(1, generator=g).item() < 0.5:
+                out = out.flip(-1)
+            if self.jitter is not None:
+                out = self.jitter(out, g)
+            return out.contiguous()
         top, left, h, w = random_resized_crop_params(img.width, img.height, self.scale, g)
         need_w = need_h = 0
         if self.fast_decode:  # decoded size such that the crop keeps >= `size` pixels on both sides
