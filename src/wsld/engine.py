@@ -821,6 +821,7 @@ class Trainer:
             f"{self.info.num_classes} classes), loss={cfg.distill.loss}, device={rt.device}, world={rt.world_size}, "
             f"amp={self.amp_dtype}, channels_last={self.channels_last}"
             + (f", teacher={cfg.model.teacher} ({self.teacher_weights}), teacher_bn_mode={cfg.model.teacher_bn_mode}" if self.teacher is not None else "")
+            + (f", teacher outputs stored in {cfg.distill.soft_labels} (no teacher model)" if cfg.distill.soft_labels else "")
         )
         if not self.resume:
             self.metrics.write({
