@@ -13,7 +13,8 @@ records, one per ``train.log_every`` steps: ``img_per_s`` and ``data_wait_frac``
 wall time the loop spent waiting for the next batch). The first window of every epoch (worker
 start-up, first batches) is left out; the rest are pooled (images / seconds) and also shown as
 median (min-max) over windows. A data-wait fraction near 0 means compute-bound (more workers do
-not help); near 1 means data-bound (the loader cannot keep up).
+not help); near 1 means data-bound (the loader cannot keep up). The table's last column says
+"data" above 0.5, "compute" below 0.2, "mixed" between.
 
 Configurations (``--configs``): ``default`` = the engine's defaults on the device (on CUDA: bf16
 autocast and channels_last); ``fp32`` = train.amp=off model.channels_last=false. Default:
@@ -21,9 +22,9 @@ autocast and channels_last); ``fp32`` = train.amp=off model.channels_last=false.
 
 Prints a table and appends the results to bench/results/train_throughput.json.
 Examples:
-  python bench/train_throughput.py --images 320 --image-size 64 --batch-size 32 --workers 0,1,2
-  python bench/train_throughput.py --device cuda --images 4096 --image-size 224 --batch-size 256 \\
-      --pairs resnet34:resnet18 --workers 0,4,8,12
+  python bench/train_throughput.py --threads 1                        # 2-core CPU: 640 JPEGs, 32 px
+  python bench/train_throughput.py --device cuda --images 512 --replicate 12 --classes 100 \\
+      --image-size 224 --batch-size 256 --pairs resnet34:resnet18 --workers 0,4,8,12
 """
 
 from __future__ import annotations
@@ -49,8 +50,10 @@ from bench_common import RESULTS, append_result, command_line, machine, now  # n
 CONFIGS = {"default": [], "fp32": ["train.amp=off", "model.channels_last=false"]}
 
 
-def wsld_env(device: str) -> dict[str, str]:
+def wsld_env(device: str, threads: int | None) -> dict[str, str]:
     env = dict(os.environ)
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)  # torch's intra-op threads in the wsld processes
     env["PYTHONPATH"] = str(REPO / "src") + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env.pop("WSLD_STOP_AFTER_STEPS", None)
     if device == "cpu":
@@ -70,15 +73,20 @@ def run_wsld(cmd: list[str], args: list[str], env: dict[str, str], log_path: Pat
     return dt
 
 
-def make_dataset(root: Path, images: int, classes: int, val_per_class: int) -> None:
-    """``root/train/cNN/*.JPEG`` (+ a small val split): photo crops, as bench/data_pipeline.py makes them."""
-    from data_pipeline import make_photos
+def make_dataset(root: Path, images: int, classes: int, val_per_class: int, replicate: int) -> None:
+    """``root/train/cNN/*.JPEG`` (+ a small val split): photo crops, as bench/data_pipeline.py makes
+    them; with ``replicate`` > 1 every train file also appears that many times (hard links: the
+    same bytes, decoded again each time, so a big epoch costs no generation time)."""
+    from data_pipeline import make_photos, replicate as link_copies
 
-    make_photos(root, images, classes=classes)
+    src = root.with_name(root.name + "_unique") if replicate > 1 else root
+    make_photos(src, images, classes=classes)
     for c in range(classes):  # make_photos puts one val image per class; add a few more
-        src = sorted((root / "train" / f"c{c:02d}").iterdir())
-        for k, f in enumerate(src[1 : val_per_class]):
-            shutil.copy(f, root / "val" / f"c{c:02d}" / f"v{k}.JPEG")
+        files = sorted((src / "train" / f"c{c:02d}").iterdir())
+        for k, f in enumerate(files[1:val_per_class]):
+            shutil.copy(f, src / "val" / f"c{c:02d}" / f"v{k}.JPEG")
+    if replicate > 1:
+        link_copies(src, root, replicate)
 
 
 def write_teacher(path: Path, name: str, classes: int) -> None:
@@ -131,10 +139,11 @@ def main(argv=None) -> int:
     doc = __doc__ or ""
     ap = argparse.ArgumentParser(description=doc.split("\n\n")[0], epilog=doc.split("\n\n", 1)[1],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    ap.add_argument("--images", type=int, default=320, help="training JPEGs to generate (default: %(default)s)")
+    ap.add_argument("--images", type=int, default=640, help="training JPEGs to generate (default: %(default)s)")
+    ap.add_argument("--replicate", type=int, default=1, help="each generated train JPEG appears this many times (default: %(default)s)")
     ap.add_argument("--classes", type=int, default=10, help="class folders (default: %(default)s)")
     ap.add_argument("--val-per-class", type=int, default=2, help="val images per class (default: %(default)s)")
-    ap.add_argument("--image-size", type=int, default=64, help="train crop size, data.image_size (default: %(default)s)")
+    ap.add_argument("--image-size", type=int, default=32, help="train crop size, data.image_size (default: %(default)s)")
     ap.add_argument("--batch-size", type=int, default=32, help="data.batch_size (default: %(default)s)")
     ap.add_argument("--pairs", default="cnn_teacher:cnn_student,resnet34:resnet18",
                     help="comma-separated TEACHER:STUDENT model pairs (default: %(default)s)")
@@ -144,6 +153,7 @@ def main(argv=None) -> int:
     ap.add_argument("--epochs", type=int, default=1, help="train.epochs (default: %(default)s)")
     ap.add_argument("--log-every", type=int, default=2, help="train.log_every: steps per measured window (default: %(default)s)")
     ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="cpu hides CUDA from wsld train (default: %(default)s)")
+    ap.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for wsld train (default: inherited / torch's choice)")
     ap.add_argument("--wsld", default=None, help="command that runs the wsld CLI (default: this Python with -m wsld)")
     ap.add_argument("--workdir", default=None, help="where to build the data and runs (default: a temp dir, removed after)")
     ap.add_argument("--out", default=str(RESULTS / "train_throughput.json"), help="JSON file the results are appended to (default: %(default)s)")
@@ -169,11 +179,12 @@ def main(argv=None) -> int:
     for c in configs:
         if c not in CONFIGS:
             ap.error(f"--configs: unknown configuration '{c}' (choose from {', '.join(CONFIGS)})")
-    if args.images < args.batch_size * (args.log_every + 1):
-        ap.error(f"--images {args.images} gives fewer than {args.log_every + 1} windows of {args.log_every} steps: "
+    n_train = args.images * max(1, args.replicate)
+    if n_train < args.batch_size * (args.log_every + 1):
+        ap.error(f"--images {n_train} gives fewer than {args.log_every + 1} windows of {args.log_every} steps: "
                  f"use at least {args.batch_size * (2 * args.log_every)} images or a smaller --batch-size")  # fmt: skip
     cmd = args.wsld.split() if args.wsld else [sys.executable, "-m", "wsld"]
-    env = wsld_env(device)
+    env = wsld_env(device, args.threads)
 
     tmp = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="wsld-bench-train-"))
     results = []
@@ -182,13 +193,13 @@ def main(argv=None) -> int:
         if root.exists():
             shutil.rmtree(root)
         t0 = time.perf_counter()
-        make_dataset(root, args.images, args.classes, args.val_per_class)
+        make_dataset(root, args.images, args.classes, args.val_per_class, args.replicate)
         gen_s = time.perf_counter() - t0
         pack_s = {}
         for split in ("train", "val"):
             pack_s[split] = run_wsld(cmd, ["data", "pack", str(root), "--split", split, "--out", str(root / "lmdb" / split),
                                            "--no-progress", "--overwrite"], env, tmp / f"pack_{split}.log")  # fmt: skip
-        print(f"made {args.images} train JPEGs in {args.classes} classes ({gen_s:.1f} s), packed with wsld data pack "
+        print(f"made {n_train} train JPEGs in {args.classes} classes ({gen_s:.1f} s), packed with wsld data pack "
               f"({pack_s['train']:.1f} s) under {root}", file=sys.stderr)  # fmt: skip
         for teacher, student in pairs:
             weights = tmp / f"teacher_{teacher}.safetensors"
@@ -224,23 +235,23 @@ def main(argv=None) -> int:
 
     info = machine(torch.device(device) if cuda else None)
     print(f"\n{info['device']} ({info['host']}), torch {info['torch']}, load average {info['load_average_1min']}; "
-          f"{args.images} JPEGs ~500x375 in {args.classes} classes -> LMDB; crop {args.image_size} px, batch {args.batch_size}, "
+          f"{n_train} JPEGs ~500x375 in {args.classes} classes -> LMDB; crop {args.image_size} px, batch {args.batch_size}, "
           f"loss {args.loss}, {args.epochs} epoch(s), windows of {args.log_every} steps (first window of each epoch left out)")  # fmt: skip
-    head = f"{'teacher -> student':<26}{'config':<9}{'workers':>8}{'img/s':>9}{'data wait':>11}   {'img/s per window: median (min-max)':<36}{'bound':>9}"
+    head = f"{'teacher -> student':<30}{'config':<9}{'workers':>8}{'img/s':>9}{'data wait':>11}   {'img/s per window: median (min-max)':<36}{'bound':>9}"
     print(head)
     for r in results:
         if not r.get("windows"):
-            print(f"{r['teacher'] + ' -> ' + r['student']:<26}{r['config']:<9}{r['workers']:>8}   no steady-state window: use more --images")
+            print(f"{r['teacher'] + ' -> ' + r['student']:<30}{r['config']:<9}{r['workers']:>8}   no steady-state window: use more --images")
             continue
         iw = r["img_per_s_windows"]
         bound = "data" if r["data_wait_frac"] > 0.5 else ("compute" if r["data_wait_frac"] < 0.2 else "mixed")
         spread = f"{iw['median']:.1f} ({iw['min']:.1f}-{iw['max']:.1f})"
-        print(f"{r['teacher'] + ' -> ' + r['student']:<26}{r['config']:<9}{r['workers']:>8}{r['img_per_s']:>9.1f}"
+        print(f"{r['teacher'] + ' -> ' + r['student']:<30}{r['config']:<9}{r['workers']:>8}{r['img_per_s']:>9.1f}"
               f"{r['data_wait_frac']:>11.2f}   {spread:<36}{bound:>9}")  # fmt: skip
     record = {
         "date": now(), "command": command_line("train_throughput.py", argv), "machine": info, "device_type": device,
-        "images": args.images, "classes": args.classes, "image_size": args.image_size, "batch_size": args.batch_size,
-        "loss": args.loss, "epochs": args.epochs, "log_every": args.log_every, "generate_s": gen_s,
+        "images": n_train, "unique_images": args.images, "classes": args.classes, "image_size": args.image_size, "batch_size": args.batch_size,
+        "loss": args.loss, "epochs": args.epochs, "log_every": args.log_every, "threads": args.threads, "generate_s": gen_s,
         "pack_train_s": pack_s["train"], "runs": results,
     }  # fmt: skip
     if not args.no_save:
