@@ -305,8 +305,8 @@ class SoftLabelStore:
         classes = list(train_ds.classes)  # type: ignore[attr-defined]
         if meta["classes"] != classes:
             raise UserError(
-                f"distill.soft_labels: {self.path} was made for {len(meta['classes'])} other classes "
-                f"than this data's {len(classes)}"
+                f"distill.soft_labels: {self.path} was made for other classes ({len(meta['classes'])}, first "
+                f"{meta['classes'][:1]}) than this data's ({len(classes)}, first {classes[:1]})"
             )
         if meta["count"] != len(train_ds):  # type: ignore[arg-type]
             raise UserError(
