@@ -14,7 +14,7 @@ logits that require grad, and reports:
 
 Prints a table and appends the results to bench/results/loss.json.
 Examples:
-  python bench/loss.py                                   # after python bench/step.py on this machine
+  python bench/loss.py --threads 1                       # after bench/step.py on this machine
   python bench/loss.py --step-ms 80 --step-batch 256     # against a step time measured elsewhere
 """
 

@@ -25,7 +25,7 @@ the engine's CUDA defaults).
 
 Prints a table (ratios first) and appends the results to bench/results/step.json.
 Examples:
-  python bench/step.py --batch-size 8 --image-size 112              # this project's 2-core CPU
+  python bench/step.py --batch-size 8 --image-size 112 --threads 1   # a small shared CPU: one thread
   python bench/step.py --device cuda --batch-size 256 --configs fp32,bf16+cl,bf16+cl+compile
 """
 
