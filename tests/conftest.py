@@ -5,6 +5,9 @@ import os
 import pytest
 import torch
 
+# one thread in this process and in every wsld subprocess a test starts (train.threads=0 then
+# leaves torch's default alone because OMP_NUM_THREADS is set)
+os.environ["OMP_NUM_THREADS"] = "1"
 torch.set_num_threads(1)
 os.environ.setdefault("WSLD_TEST", "1")
 

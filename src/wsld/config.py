@@ -31,7 +31,7 @@ class DataConfig:
     val_split: str = "val"
     batch_size: int = 128  # global batch, summed over all processes
     val_batch_size: Optional[int] = None  # default: batch_size
-    workers: int = 2  # DataLoader workers per process
+    workers: int = 1  # DataLoader workers per process
     image_size: int = 224  # train crop / val crop for photo datasets
     val_resize: int = 256  # val: Resize(val_resize) + CenterCrop(image_size)
     min_scale: float = 0.08  # RandomResizedCrop scale lower bound
@@ -98,6 +98,11 @@ class TrainConfig:
     ema_decay: float = 0.0  # EMA of student weights, 0 = off
     amp: str = "auto"  # auto | off | bf16 | fp16 (auto: bf16 on CUDA, fp16 on GPUs without bf16, off on CPU; fp16 is CUDA-only)
     seed: int = 0
+    # torch CPU threads per process; 0 = auto: on CPU, the cores of this process minus its data
+    # workers (at least 1), so compute threads and loader processes do not fight over cores
+    # (oversubscribed OpenMP threads spin and run several times slower); on CUDA or with
+    # OMP_NUM_THREADS set, torch's default
+    threads: int = 0
     deterministic: bool = False  # torch deterministic algorithms (bit-exact resume on CPU; slower on GPU)
     eval_every: int = 1  # epochs
     nan_policy: str = "stop"  # stop | skip
@@ -234,6 +239,7 @@ def validate(cfg: Config) -> None:
             raise UserError(f"config key '{key}': must be >= 1, got {value}")
     for key, value in [
         ("data.workers", cfg.data.workers),
+        ("train.threads", cfg.train.threads),
         ("train.lr", cfg.train.lr),
         ("train.weight_decay", cfg.train.weight_decay),
         ("train.warmup_epochs", cfg.train.warmup_epochs),

@@ -117,6 +117,23 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 
+def cpu_threads(cfg: Config, rt: Runtime) -> Optional[int]:
+    """Torch threads for this process (None: leave torch's default, as on CUDA)."""
+    if cfg.train.threads > 0:
+        return cfg.train.threads
+    if rt.device.type == "cuda" or os.environ.get("OMP_NUM_THREADS"):
+        return None  # CUDA, or the user set the threads for the process
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", rt.world_size))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // max(1, local_world) - cfg.data.workers)
+
+
+def set_cpu_threads(cfg: Config, rt: Runtime) -> None:
+    n = cpu_threads(cfg, rt)
+    if n is not None and n != torch.get_num_threads():
+        torch.set_num_threads(n)
+
+
 def amp_dtype_for(amp: str, device: torch.device) -> Optional[torch.dtype]:
     """Autocast dtype for ``train.amp``. ``auto``: bf16 on CUDA (fp16 + GradScaler on GPUs without
     bf16), off on CPU. fp16 on CPU is refused: CPU autocast is meant for bf16 and a GradScaler is
@@ -622,6 +639,7 @@ class Trainer:
         self.amp_dtype = amp_dtype_for(cfg.train.amp, rt.device)
         if cfg.model.sync_bn and rt.distributed and rt.device.type != "cuda":
             raise UserError("config key 'model.sync_bn': SyncBatchNorm needs CUDA devices; set model.sync_bn=false on CPU")
+        set_cpu_threads(cfg, rt)
         seed_everything(cfg.train.seed, cfg.train.deterministic)
         self.train_ds, self.val_ds, self.info = build_datasets(cfg.data, seed=cfg.train.seed)
         info: DataInfo = self.info
