@@ -153,3 +153,23 @@ def test_padded_crop_is_random_crop_of_the_zero_padded_image():
         if torch.rand(1, generator=g).item() < 0.5:
             ref = ref.flip(-1)
         assert torch.equal(out, ref)
+
+
+def test_same_command_gives_the_same_numbers(demo, tmp_path, capsys):
+    """Everything is seeded: a second demo in a fresh folder trains the same models."""
+    capsys.readouterr()
+    assert main(["demo", "--out", str(tmp_path / "again"), *TINY, "--variants", "balanced"]) == 0
+    table = capsys.readouterr().out
+    first, again = _results(demo)["variants"]["balanced"], _results(tmp_path / "again")["variants"]["balanced"]
+    assert again["teacher"]["per_class_top1"] == first["teacher"]["per_class_top1"]
+    for loss in ("ce", "kd", "wsld"):
+        assert again["losses"][loss]["seeds"][0]["per_class_top1"] == first["losses"][loss]["seeds"][0]["per_class_top1"]
+        assert again["losses"][loss]["seeds"][0]["curve"] == first["losses"][loss]["seeds"][0]["curve"]
+    assert again["losses"]["wsld"]["class_weights_mean"] == first["losses"]["wsld"]["class_weights_mean"]
+    from wsld.checkpoint import load_checkpoint
+
+    for run in ("balanced-teacher", "balanced-wsld-s0"):  # bit-identical weights, not just equal accuracy
+        a = load_checkpoint(demo / "runs" / run / "last.pt")["student"]
+        b = load_checkpoint(tmp_path / "again" / "runs" / run / "last.pt")["student"]
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert "| Teacher |" in table and "WSLD − KD" in table

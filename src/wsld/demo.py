@@ -42,7 +42,7 @@ from wsld.errors import UserError
 VARIANTS = {"balanced": 1.0, "long-tail": 100.0}  # name -> data.long_tail_ratio
 LOSS_ROWS = [  # loss, row name in the reference table, distill settings (published values)
     ("ce", "Original (CE)", {"T": 4.0, "alpha": 2.25}),
-    ("kd", "KD (T=4, a=0.9)", {"T": 4.0, "alpha": 0.9}),
+    ("kd", "KD (T=4, alpha=0.9)", {"T": 4.0, "alpha": 0.9}),
     ("wsld", "WSLD (T=4, alpha=2.25)", {"T": 4.0, "alpha": 2.25}),
 ]
 LOSS_NAMES = {"ce": "CE", "kd": "KD", "wsld": "WSLD"}
@@ -361,6 +361,7 @@ class Runner:
         self.total_cost = sum(sp.cost for sp in specs)
         self.done_cost = 0.0
         self.bar = None
+        self.running: dict[str, Any] = {}  # names of the runs in progress
 
     def _progress_value(self, running: dict[str, Any]) -> float:
         return self.done_cost + sum(self.specs[n].cost * _run_progress(self.specs[n]) for n in running)
@@ -382,9 +383,10 @@ class Runner:
         except (OSError, ValueError, KeyError):
             top1 = "no summary"
         eta = ""
-        worked = self.done_cost - self.start_cost
+        worked = self._progress_value(self.running) - self.start_cost
         if worked > 0 and len(self.done) < len(self.specs):
-            eta = f", about {_duration((time.perf_counter() - self.t0) * (self.total_cost - self.done_cost) / worked)} left"
+            left = self.total_cost - self._progress_value(self.running)
+            eta = f", about {_duration((time.perf_counter() - self.t0) * left / worked)} left"
         self.log(f"finished {name}: {top1} ({_duration(seconds)}; {len(self.done)}/{len(self.specs)} runs done{eta})")
 
     def run(self) -> dict[str, float]:
@@ -402,6 +404,7 @@ class Runner:
             self.log(f"reusing {len(self.done)} finished run(s) in {next(iter(self.specs.values())).run_dir.parent}")
         if not todo:
             return self.times
+        todo.sort(key=lambda item: self.specs[item[0]].loss != "teacher")  # teachers first: the others wait for them
         self.t0, self.start_cost = time.perf_counter(), self.done_cost
         self.bar = tqdm(total=self.total_cost, initial=self.done_cost, desc="wsld demo", file=self.stream,
                         disable=not (self.progress and self.stream.isatty()), dynamic_ncols=True, mininterval=1.0,
@@ -434,7 +437,7 @@ class Runner:
         from wsld.cli import main
 
         stop = threading.Event()
-        current: dict[str, Any] = {}
+        current = self.running
 
         def monitor() -> None:
             while not stop.wait(1.0):
@@ -477,7 +480,7 @@ class Runner:
         env = dict(os.environ)
         env.update(OMP_NUM_THREADS=str(self.s.threads), MKL_NUM_THREADS=str(self.s.threads), PYTHONUNBUFFERED="1")
         pending = list(todo)
-        running: dict[str, tuple[subprocess.Popen, float, Any]] = {}
+        running: dict[str, tuple[subprocess.Popen, float, Any]] = self.running
         try:
             while pending or running:
                 while len(running) < self.s.jobs:
@@ -648,6 +651,7 @@ def make_plots(results: dict[str, Any], plots: Path, seeds: int) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
+    from matplotlib.ticker import MaxNLocator
 
     written: list[Path] = []
     seed_note = f"mean over {seeds} seed{'s' if seeds > 1 else ''}"
@@ -664,6 +668,7 @@ def make_plots(results: dict[str, Any], plots: Path, seeds: int) -> list[Path]:
                 ax.fill_between(x, curves.min(0), curves.max(0), color=LOSS_COLORS[loss], alpha=0.15)
         ax.axhline(v["teacher"]["top1"], color=LOSS_COLORS["teacher"], ls="--", label=f"teacher ({v['teacher']['top1']:.2f})")
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel("test top-1 (%)")
         band = ", band = min..max over seeds" if seeds > 1 else ""
         ax.set_title(f"Fashion-MNIST {titles[variant]}: student test top-1 per epoch\n({seed_note}{band})")
@@ -732,7 +737,7 @@ def make_plots(results: dict[str, Any], plots: Path, seeds: int) -> list[Path]:
         ax2.set_xlim(max(0.0, math.floor(min(ce_acc + ws_acc) / 10) * 10 - 10), 100)
         ax2.set_xlabel("test top-1 of the class (%), last epoch")
         ax2.set_title(f"per-class test accuracy, CE vs WSLD ({seed_note})")
-        ax2.legend(loc="lower left", fontsize=8)
+        ax2.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=3, fontsize=8)
         ax2.grid(axis="x", alpha=0.3)
         fig.suptitle(f"Fashion-MNIST {titles[variant]}: where WSLD puts its weight")
         fig.tight_layout()
@@ -770,6 +775,18 @@ def make_plots(results: dict[str, Any], plots: Path, seeds: int) -> list[Path]:
 
 
 # --------------------------------------------------------------------------- report
+
+
+def training_span(specs: list[RunSpec]) -> float:
+    """Seconds from the earliest run start to the latest run end, from the runs' own metrics."""
+    starts, ends = [], []
+    for sp in specs:
+        recs = read_metrics(sp.run_dir)
+        times = [r["time"] for r in recs if "time" in r]
+        if times:
+            starts.append(min(times))
+            ends.append(max(times))
+    return max(ends) - min(starts) if starts else 0.0
 
 
 def _fmt(m: float, sd: Optional[float]) -> str:
@@ -835,13 +852,18 @@ def write_report(out: Path, results: dict[str, Any], meta: dict[str, Any], plots
     from wsld.checkpoint import atomic_write_text
 
     s = meta["settings"]
+    busy = max(meta["machine"]["load_start"], meta["machine"]["load_end"]) > meta["machine"]["cpus"]
     lines = ["# wsld demo: teacher / student alone / KD / WSLD on Fashion-MNIST", ""]
     lines.append(f"Command: `{meta['command']}`" + (" (`--quick`: a pipeline check, not the comparison)" if s["quick"] else ""))
     lines.append("")
     lines.append(
         f"Machine: {meta['machine']['cpus']} CPU cores, {meta['machine']['device']}, torch {meta['machine']['torch']}; "
-        f"{s['jobs']} run(s) at a time, {s['threads']} thread(s) each. Wall time of this invocation: "
-        f"{_duration(meta['wall_s'])}; the runs themselves (as timed when they ran): {_duration(meta['runs_s'])} in total."
+        f"{s['jobs']} run(s) at a time, {s['threads']} thread(s) each. Training took "
+        f"{_duration(meta['training_span_s'])} from the first run's start to the last run's end (from the runs' "
+        f"metrics.jsonl), {_duration(meta['runs_s'])} summed over runs; this invocation of the demo took "
+        f"{_duration(meta['wall_s'])}. Load average (1 min) at the start / end of this invocation: "
+        f"{meta['machine']['load_start']:.1f} / {meta['machine']['load_end']:.1f} on {meta['machine']['cpus']} cores"
+        + (" (above the core count: other processes competed for the CPUs)." if busy else ".")
     )
     lines.append("")
     lines.append(
@@ -998,6 +1020,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     t_start = time.perf_counter()
+    load_start = os.getloadavg()[0]
     s = settings_from_args(args)
     out = Path(os.path.expanduser(args.out))
     stream = sys.stderr
@@ -1042,11 +1065,13 @@ def run(args: argparse.Namespace) -> int:
         "command": command_line(args),
         "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(s).items()},
         "recipe": {"epochs": s.epochs, "teacher_epochs": s.teacher_epochs, "batch_size": s.batch_size},
-        "machine": {"cpus": os.cpu_count(), "torch": torch.__version__,
+        "machine": {"cpus": os.cpu_count(), "torch": torch.__version__, "load_start": load_start,
+                    "load_end": os.getloadavg()[0],
                     "device": "CUDA " + torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"},
         "data_root": str(lmdb_dir.parent), "data_commands": data_commands,
         "wall_s": time.perf_counter() - t_start,
         "runs_s": sum(v for v in timings.values()),
+        "training_span_s": training_span(specs),
         "runs": runs_meta,
     }  # fmt: skip
     table = write_report(out, results, meta, plots)
