@@ -227,3 +227,25 @@ def test_photo_folder_store_skips_corrupt_images(image_tree, tmp_path, capsys): 
     assert main(["train", *common, f"distill.soft_labels={store}", "--out", str(tmp_path / "run")]) == 0
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["corrupt_images"] == len(image_tree.unusable)
+
+
+def test_engine_batches_carry_the_teachers_outputs_for_another_run_seed(digits_runs, tmp_path):
+    """Through the engine's own loader: a run seeded 1 on a store made with seed 0, in epoch 3
+    (crop 3 mod 2 = 1), gets exactly the teacher's logits on the images it trains on."""
+    from wsld.engine import Trainer, set_teacher_bn_mode, setup_runtime
+    from wsld.models import build_model
+
+    _, common, store = digits_runs
+    cfg = load_config(None, common + ["train.seed=1", "train.epochs=4", f"distill.soft_labels={store}"])
+    trainer = Trainer(cfg, tmp_path / "run", setup_runtime("cpu"))
+    trainer.setup()
+    assert trainer.teacher is None
+    teacher = build_model(cfg.model.teacher, 10, in_channels=1, weights=SoftLabelStore(store).meta["teacher_weights"])
+    set_teacher_bn_mode(teacher, "eval")
+    trainer.train_sampler.set_epoch(3)
+    images, targets, bad, extra = next(iter(trainer.train_loader))
+    x = trainer.normalize(images)
+    with torch.no_grad():
+        online = teacher(x)
+    assert torch.allclose(trainer.ctx.teacher_logits_fn(x, extra), online, atol=1e-4)
+    assert torch.equal(extra["target"], targets) and not bad
