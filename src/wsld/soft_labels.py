@@ -23,16 +23,17 @@ Store (one LMDB directory):
   (top, left, height, width in source-image pixels; negative = padding), ``flip``,
   ``class_index`` (top-k classes, most probable first), ``log_prob`` (the teacher's top-k
   log-probabilities at T = 1, float16 by default), ``lse`` (log-sum-exp of all logits, float32),
-  ``true_logit`` (the teacher's logit of the labelled class, float32). An image that could not
-  be read when the store was made has an empty value.
+  ``true_logit`` (the teacher's logit of the labelled class, float32), ``tail_lse`` (log-sum-exp of
+  the logits of the classes neither in the top-k nor labelled, float32; -inf if none). An image
+  that could not be read when the store was made has an empty value.
 
 How the teacher's logits are rebuilt (``teacher_logits_from_stored``): logits are only defined up
-to a constant, so ``lse + log_prob`` gives the stored classes' logits; the labelled class gets its
-exact float32 logit; the remaining ``n`` classes share the probability mass that is left,
-``1 - sum(known probabilities)``, equally (each capped at the k-th largest stored probability).
-Hence the T = 1 distribution keeps its exact log-sum-exp and ``CE_teacher(y) = lse - z_t[y]``
-(the WSLD weight) is exact; with k = C (and float32) every logit is exact. What k < C
-approximates is only how the tail mass is spread over the unstored classes, which changes the
+to a constant ``lse``. The labelled class gets its exact logit; the ``n`` unstored classes share
+their exact total probability ``exp(tail_lse - lse)`` equally; the other stored classes share
+what is left (exactly), split by their stored log-probabilities. Hence at T = 1 the log-sum-exp,
+the true class's probability, ``CE_teacher(y) = lse - z_t[y]`` (the WSLD weight) and the tail's
+total mass are exact whatever k; with k = C and float32 every logit is exact. What k < C
+approximates is only how the tail mass is split among the unstored classes, which changes the
 tempered soft label at T != 1 (docs/soft_labels.md measures the effect).
 """
 
@@ -80,7 +81,7 @@ def record_dtype(topk: int, num_classes: int, precision: str = "float16") -> np.
     index_type = "<u2" if num_classes <= 65535 else "<i4"
     return np.dtype([
         ("box", "<i4", (4,)), ("flip", "u1"), ("class_index", index_type, (topk,)),
-        ("log_prob", PRECISIONS[precision], (topk,)), ("lse", "<f4"), ("true_logit", "<f4"),
+        ("log_prob", PRECISIONS[precision], (topk,)), ("lse", "<f4"), ("true_logit", "<f4"), ("tail_lse", "<f4"),
     ])  # fmt: skip
 
 
@@ -89,29 +90,35 @@ def image_key(index: int) -> bytes:
 
 
 def teacher_logits_from_stored(
-    log_prob: Tensor, class_index: Tensor, lse: Tensor, true_logit: Tensor, target: Tensor, num_classes: int
+    log_prob: Tensor, class_index: Tensor, lse: Tensor, true_logit: Tensor, tail_lse: Tensor, target: Tensor,
+    num_classes: int,
 ) -> Tensor:
     """Full (N, C) teacher logits rebuilt from stored top-k values (float32; see the module doc).
 
     ``log_prob``/``class_index``: (N, k) top-k log-probabilities at T = 1 and their classes;
-    ``lse``: (N,) log-sum-exp of all C logits; ``true_logit``: (N,) the logit of ``target``.
+    ``lse``: (N,) log-sum-exp of all C logits; ``true_logit``: (N,) the logit of ``target``;
+    ``tail_lse``: (N,) log-sum-exp of the logits of the classes neither in the top-k nor ``target``
+    (-inf when there are none).
     """
     n, c = log_prob.shape[0], num_classes
-    rows = torch.arange(n, device=log_prob.device)
-    lp = torch.zeros(n, c, device=log_prob.device, dtype=torch.float32)
-    lp.scatter_(1, class_index.long(), log_prob.float())
-    known = torch.zeros(n, c, device=log_prob.device, dtype=torch.bool)
-    known.scatter_(1, class_index.long(), True)
+    dev = log_prob.device
+    rows = torch.arange(n, device=dev)
+    idx = class_index.long()
     lse = lse.float()
-    lp[rows, target] = true_logit.float() - lse  # exact: the WSLD weight needs CE_teacher(y)
+    lp_y = true_logit.float() - lse  # exact: the WSLD weight needs CE_teacher(y)
+    tail = (tail_lse.float() - lse).clamp_max(0.0)  # exact log of the unstored classes' total mass
+    # stored classes other than the target share the mass left, exactly: their float16 log-probs
+    # only set the split among them (a common shift absorbs the rounding)
+    others = idx != target[:, None]
+    lp_top = log_prob.float().masked_fill(~others, float("-inf"))
+    left = (1.0 - lp_y.exp() - tail.exp()).clamp_min(1e-30)
+    shift = torch.where(others.any(dim=1), left.log() - torch.logsumexp(lp_top, dim=1), torch.zeros_like(left))
+    known = torch.zeros(n, c, device=dev, dtype=torch.bool).scatter_(1, idx, True)
     known[rows, target] = True
     n_rest = c - known.sum(dim=1)
-    if bool((n_rest > 0).any()):
-        known_mass = torch.where(known, lp.exp(), torch.zeros_like(lp)).sum(dim=1)
-        rest_mass = (1.0 - known_mass).clamp_min(1e-30)
-        tail = torch.log(rest_mass / n_rest.clamp_min(1))
-        tail = torch.minimum(tail, log_prob.float().min(dim=1).values)  # no tail class above the k-th
-        lp = torch.where(known, lp, tail[:, None])
+    lp = (tail - torch.log(n_rest.clamp_min(1).float()))[:, None].expand(n, c).clone()  # unstored: equal split
+    lp.scatter_(1, idx, log_prob.float() + shift[:, None])
+    lp[rows, target] = lp_y
     return lp + lse[:, None]
 
 
@@ -122,6 +129,7 @@ def records_to_tensors(records: np.ndarray) -> dict[str, Tensor]:
         "class_index": torch.from_numpy(records["class_index"].astype(np.int64)),
         "lse": torch.from_numpy(np.ascontiguousarray(records["lse"])),
         "true_logit": torch.from_numpy(np.ascontiguousarray(records["true_logit"])),
+        "tail_lse": torch.from_numpy(np.ascontiguousarray(records["tail_lse"])),
         "box": torch.from_numpy(records["box"].astype(np.int64)),
         "flip": torch.from_numpy(records["flip"].astype(np.bool_)),
     }
@@ -280,6 +288,8 @@ class SoftLabelStore:
         self.meta = meta
         self.crops, self.topk = int(meta["crops"]), int(meta["topk"])
         self.dtype = record_dtype(self.topk, len(meta["classes"]), meta["precision"])
+        if meta.get("record_bytes") != self.dtype.itemsize:
+            raise DataError(f"distill.soft_labels: {self.path} holds records of another layout (made by another wsld version): remake it")
 
     def records(self, index: int) -> np.ndarray:
         """The K records of image ``index`` (empty if it was unreadable when the store was made)."""
@@ -415,7 +425,7 @@ def teacher_logits_fn_for(num_classes: int) -> Callable[[Tensor, Any], Tensor]:
         return teacher_logits_from_stored(
             extra["log_prob"].to(dev, non_blocking=True), extra["class_index"].to(dev, non_blocking=True),
             extra["lse"].to(dev, non_blocking=True), extra["true_logit"].to(dev, non_blocking=True),
-            extra["target"].to(dev, non_blocking=True), num_classes,
+            extra["tail_lse"].to(dev, non_blocking=True), extra["target"].to(dev, non_blocking=True), num_classes,
         )  # fmt: skip
 
     return teacher_logits
@@ -585,9 +595,11 @@ def make_soft_labels(
                     rec["box"] = torch.cat([it[3][:, :4] for it in good]).numpy()
                     rec["flip"] = torch.cat([it[3][:, 4] for it in good]).numpy()
                     rec["class_index"] = top_idx.cpu().numpy()
-                    rec["log_prob"] = (top_val - lse[:, None]).cpu().numpy()
+                    rec["log_prob"] = (top_val - lse[:, None]).clamp_min(-6e4).cpu().numpy()  # finite in float16
                     rec["lse"] = lse.cpu().numpy()
                     rec["true_logit"] = logits.gather(1, y[:, None])[:, 0].cpu().numpy()
+                    unstored = logits.scatter(1, top_idx, float("-inf")).scatter(1, y[:, None], float("-inf"))
+                    rec["tail_lse"] = torch.logsumexp(unstored, dim=1).cpu().numpy()
                     for j, it in enumerate(good):
                         values[it[0]] = rec[j * crops : (j + 1) * crops].tobytes()
                 while True:
