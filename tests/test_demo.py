@@ -12,13 +12,15 @@ from wsld.config import load_config
 from wsld.data.transforms import TrainTransform
 
 PER_CLASS = 20
-SLICE = ["--limit-per-class", str(PER_CLASS), "--teacher-epochs", "1", "--seeds", "1", "--batch-size", "16"]
+SLICE = ["--limit-per-class", str(PER_CLASS), "--teacher-epochs", "1", "--tune-epochs", "1", "--seeds", "1",
+         "--batch-size", "16"]
 TINY = [*SLICE, "--epochs", "1", "--jobs", "1", "--threads", "1", "--no-progress"]
 
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    """One tiny demo run shared by the tests (both variants, 8 runs of 1 epoch)."""
+    """One tiny demo run shared by the tests (both variants: 2 teachers, 9 learning-rate search runs,
+    6 student runs, 1 epoch each)."""
     out = tmp_path_factory.mktemp("demo") / "out"
     assert main(["demo", "--out", str(out), *TINY]) == 0
     return out
@@ -100,7 +102,8 @@ def test_rerun_reuses_finished_runs_and_resumes_an_unfinished_one(demo, capsys):
     capsys.readouterr()
     assert main(["demo", "--out", str(demo), *SLICE, "--epochs", "1", "--jobs", "2", "--threads", "1", "--no-progress"]) == 0
     err = capsys.readouterr().err
-    assert "reusing 7 finished run(s)" in err and "finished long-tail-kd-s0" in err
+    assert "reusing 11 finished run(s)" in err and "reusing 5 finished run(s)" in err
+    assert "finished long-tail-kd-s0" in err
     log = (demo / "logs" / "long-tail-kd-s0.log").read_text()
     assert "--resume" in log  # a wsld train process resumed it from its checkpoint
     after = _results(demo)
@@ -173,3 +176,28 @@ def test_same_command_gives_the_same_numbers(demo, tmp_path, capsys):
         b = load_checkpoint(tmp_path / "again" / "runs" / run / "last.pt")["student"]
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert "| Teacher |" in table and "WSLD − KD" in table
+
+
+def test_learning_rate_is_searched_alike_for_every_loss_on_held_out_training_images(demo):
+    from wsld.demo import STUDENT_LRS
+
+    res = _results(demo)
+    chosen = res["tuning"]["chosen"]
+    assert set(chosen) == {"ce", "kd", "wsld"}
+    for loss, v in chosen.items():
+        assert set(v["heldout_top1"]) == {f"{lr:g}" for lr in STUDENT_LRS}
+        for lr in STUDENT_LRS:
+            summary = json.loads((demo / "runs" / f"tune-{loss}-lr{lr:g}" / "summary.json").read_text())
+            assert v["heldout_top1"][f"{lr:g}"] == summary["last_top1"]
+        assert v["heldout_top1"][f"{v['lr']:g}"] == max(v["heldout_top1"].values())
+        for variant in ("balanced", "long-tail"):  # every seed and variant trains with the chosen rate
+            assert load_config(demo / "configs" / f"{variant}-{loss}-s0.yaml").train.lr == v["lr"]
+    tune = demo / "data" / f"fashion-mnist-tune-{PER_CLASS // 2}"
+    train = {p.name for p in (tune / "train").rglob("*.png")}
+    heldout = {p.name for p in (tune / "val").rglob("*.png")}
+    assert len(train) == len(heldout) == 10 * (PER_CLASS // 2) and not train & heldout
+    main_train = {p.name for p in (demo / "data" / f"fashion-mnist-{PER_CLASS}-{PER_CLASS}" / "train").rglob("*.png")}
+    assert heldout <= main_train  # held-out images are training images (indices into the training file)
+    assert "## Learning rate" in (demo / "report.md").read_text()
+    cfg = load_config(demo / "configs" / "tune-wsld-lr0.025.yaml")
+    assert cfg.data.data_path == str((tune / "lmdb").resolve()) and cfg.train.seed == 0

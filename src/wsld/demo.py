@@ -48,10 +48,13 @@ LOSS_ROWS = [  # loss, row name in the reference table, distill settings (publis
 ]
 LOSS_NAMES = {"ce": "CE", "kd": "KD", "wsld": "WSLD"}
 LOSS_COLORS = {"teacher": "#555555", "ce": "#1f77b4", "kd": "#ff7f0e", "wsld": "#2ca02c"}
-# Linear lr warmup of every student run (all losses alike). Without it the BatchNorm-free student
-# collapsed to a constant output in the first steps of WSLD (alpha T^2 = 36 times the soft term's
-# gradient): seed 0 ended at 54.2% against 76.6% for CE and 77.1% for KD (docs/demo.md).
-STUDENT_WARMUP_EPOCHS = 1.0
+# Learning rate (per 256 images, scaled linearly with the batch). The teacher uses 0.1. The student's
+# is chosen per loss from STUDENT_LRS, the same search for every loss, on a held-out part of the
+# training set: at 0.1 the BatchNorm-free student collapsed to a constant output under WSLD (its soft
+# term's gradient is alpha T^2 = 36 times a KL's; seed 0 ended at 54.2% against 76.6% for CE), while
+# CE learns slowly at 0.025. See docs/demo.md.
+TEACHER_LR = 0.1
+STUDENT_LRS = (0.1, 0.05, 0.025)
 # Fashion-MNIST statistics (one grey channel, replicated over the 3 channels the PNGs decode to)
 FMNIST_MEAN, FMNIST_STD = [0.2860], [0.3530]
 
@@ -62,7 +65,7 @@ class Settings:
 
     seeds: int = 3
     variants: tuple[str, ...] = ("balanced", "long-tail")
-    epochs: int = 12  # student epochs, every loss
+    epochs: int = 10  # student epochs, every loss
     teacher_epochs: int = 8
     train_per_class: Optional[int] = None  # None: all 6,000 training images per class
     val_per_class: Optional[int] = None  # None: all 1,000 test images per class
@@ -71,10 +74,15 @@ class Settings:
     threads: int = 1
     quick: bool = False
     source: Optional[str] = None  # folder with the Fashion-MNIST IDX files (None: the system location)
+    # learning-rate selection: per class, the first tune_per_class training images train, the next
+    # tune_per_class (also training images, never test images) are the held-out set
+    tune_per_class: int = 1000
+    tune_epochs: int = 4
 
 
-FULL = dict(seeds=3, variants=("balanced", "long-tail"), epochs=12, teacher_epochs=8)
-QUICK = dict(seeds=1, variants=("balanced",), epochs=3, teacher_epochs=3, train_per_class=1000)
+FULL = dict(seeds=3, variants=("balanced", "long-tail"), epochs=10, teacher_epochs=8, tune_per_class=1000, tune_epochs=4)
+QUICK = dict(seeds=1, variants=("balanced",), epochs=3, teacher_epochs=3, train_per_class=1000, tune_per_class=500,
+             tune_epochs=2)
 
 
 # --------------------------------------------------------------------------- data
@@ -92,22 +100,27 @@ def data_folder_name(train_per_class: Optional[int], val_per_class: Optional[int
     return f"fashion-mnist-{train_per_class or 'all'}-{val_per_class or 'all'}"
 
 
-def _selected(labels: list[int], per_class: Optional[int]) -> list[int]:
-    """Indices to export: all, or the first ``per_class`` of each class in file order."""
-    if per_class is None:
+def _selected(labels: list[int], per_class: Optional[int], skip: int = 0) -> list[int]:
+    """Indices to export: all, or per class the images ``skip`` .. ``skip + per_class - 1`` in file order."""
+    if per_class is None and not skip:
         return list(range(len(labels)))
     seen: dict[int, int] = {}
     keep = []
     for i, y in enumerate(labels):
-        if seen.get(y, 0) < per_class:
-            seen[y] = seen.get(y, 0) + 1
+        n = seen.get(y, 0)
+        seen[y] = n + 1
+        if n >= skip and (per_class is None or n < skip + per_class):
             keep.append(i)
     return keep
 
 
-def export_fashion_mnist(root: Path, train_per_class: Optional[int] = None, val_per_class: Optional[int] = None,
-                         source: Optional[str] = None, workers: int = 2, log: Callable[[str], None] = print) -> Path:
-    """Write the built-in Fashion-MNIST as ``root/{train,val}/<class>/<index>.png`` (grey PNGs).
+# folder split -> (Fashion-MNIST split, images per class to skip, images per class or None for all)
+ExportPlan = dict[str, tuple[str, int, Optional[int]]]
+
+
+def export_fashion_mnist(root: Path, plan: ExportPlan, source: Optional[str] = None, workers: int = 2,
+                         log: Callable[[str], None] = print) -> Path:
+    """Write Fashion-MNIST images as ``root/<split>/<class>/<index>.png`` (grey PNGs) as ``plan`` says.
 
     Written into a temporary folder renamed at the end, so ``root`` exists only when complete; an
     export interrupted half-way is started again next time.
@@ -125,10 +138,10 @@ def export_fashion_mnist(root: Path, train_per_class: Optional[int] = None, val_
     folders = class_folder_names(FASHION_MNIST_CLASSES)
     t0 = time.perf_counter()
     total = 0
-    for split, per_class in (("train", train_per_class), ("val", val_per_class)):
-        images, labels = load_fashion_mnist(split, source)
+    for split, (source_split, skip, per_class) in plan.items():
+        images, labels = load_fashion_mnist(source_split, source)
         pixels = images[:, 0].numpy()
-        keep = _selected(labels, per_class)
+        keep = _selected(labels, per_class, skip)
         width = len(str(len(labels) - 1))
         for name in folders:
             (tmp / split / name).mkdir(parents=True, exist_ok=True)
@@ -145,7 +158,7 @@ def export_fashion_mnist(root: Path, train_per_class: Optional[int] = None, val_
     return root
 
 
-def prepare_data(out: Path, s: Settings, log: Callable[[str], None]) -> tuple[Path, list[str]]:
+def prepare_data(root: Path, plan: ExportPlan, s: Settings, log: Callable[[str], None]) -> tuple[Path, list[str]]:
     """Export, ``wsld data list``, ``wsld data pack`` (train and val): the LMDB folder and the
     commands a user would have typed."""
     from wsld.data.lists import write_lists
@@ -153,7 +166,6 @@ def prepare_data(out: Path, s: Settings, log: Callable[[str], None]) -> tuple[Pa
     from wsld.data.pack import pack_lmdb
     from wsld.errors import DataError
 
-    root = out / "data" / data_folder_name(s.train_per_class, s.val_per_class)
     lmdb_dir = root / "lmdb"
     commands = [f"wsld data list {root}"] + [f"wsld data pack {root} --split {split}" for split in ("train", "val")]
 
@@ -168,7 +180,7 @@ def prepare_data(out: Path, s: Settings, log: Callable[[str], None]) -> tuple[Pa
     if root.is_dir() and complete():
         log(f"data: reusing {lmdb_dir}")
         return lmdb_dir, commands
-    export_fashion_mnist(root, s.train_per_class, s.val_per_class, s.source, workers=max(2, s.jobs), log=log)
+    export_fashion_mnist(root, plan, s.source, workers=max(2, s.jobs), log=log)
     lists = write_lists(root, log=log)
     log(f"wsld data list {root}: " + ", ".join(f"{k} {len(v):,} images" for k, v in lists.items()))
     for split in ("train", "val"):
@@ -200,7 +212,7 @@ class RunSpec:
 
 
 def run_config(lmdb_dir: Path, out: Path, s: Settings, variant: str, loss: str, seed: int,
-               teacher_weights: Optional[Path]) -> Any:
+               teacher_weights: Optional[Path], lr: Optional[float] = None, epochs: Optional[int] = None) -> Any:
     """The full config of one run: one recipe for every loss, only ``distill`` differs."""
     from wsld.config import config_from_dict, validate
 
@@ -223,10 +235,10 @@ def run_config(lmdb_dir: Path, out: Path, s: Settings, variant: str, loss: str, 
         },
         "distill": distill,
         "train": {
-            "epochs": s.teacher_epochs if loss == "teacher" else s.epochs, "lr": 0.1, "base_batch_size": 256,
+            "epochs": epochs or (s.teacher_epochs if loss == "teacher" else s.epochs),
+            "lr": TEACHER_LR if loss == "teacher" else lr, "base_batch_size": 256,
             "optimizer": "sgd", "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4, "schedule": "cosine",
-            "warmup_epochs": 0.0 if loss == "teacher" else STUDENT_WARMUP_EPOCHS, "amp": "off", "seed": seed,
-            "log_every": 25, "progress": True,
+            "warmup_epochs": 0.0, "amp": "off", "seed": seed, "log_every": 25, "progress": True,
         },
         "checkpoint": {"every_steps": 100},
     }  # fmt: skip
@@ -251,33 +263,69 @@ COST_TRAIN = {"teacher": 750.0, "ce": 245.0, "kd": 400.0, "wsld": 400.0}
 COST_EVAL = {"teacher": 270.0, "ce": 130.0, "kd": 130.0, "wsld": 130.0}
 
 
-def plan_runs(out: Path, lmdb_dir: Path, s: Settings) -> tuple[list[RunSpec], dict[str, dict]]:
-    """Every run of the demo, teachers first; and per variant its class counts."""
+def _spec(out: Path, name: str, variant: str, loss: str, seed: int, cfg: Any, deps: list[str], n_train: int,
+          n_val: int) -> RunSpec:
+    epochs = cfg.train.epochs
+    cost = epochs * (n_train * COST_TRAIN[loss] + n_val * COST_EVAL[loss])
+    if loss in ("kd", "wsld"):
+        cost += n_val * COST_EVAL["teacher"]
+    steps = epochs * max(1, n_train // cfg.data.batch_size)
+    return RunSpec(name, variant, loss, seed, cfg, out / "configs" / f"{name}.yaml", out / "runs" / name,
+                   out / "logs" / f"{name}.log", deps, cost, steps)
+
+
+def plan_teachers_and_tuning(out: Path, lmdb_dir: Path, tune_lmdb: Path, s: Settings) -> tuple[list[RunSpec], dict[str, dict]]:
+    """Phase 1: the teacher of every variant (the balanced one always: the tuning runs use it) and the
+    learning-rate search (every loss x every rate in STUDENT_LRS, seed 0, on the tuning split)."""
     specs: list[RunSpec] = []
     variants: dict[str, dict] = {}
-    for variant in s.variants:
-        tname = f"{variant}-teacher"
-        tdir = out / "runs" / tname
+    for variant in dict.fromkeys(("balanced", *s.variants)):
         tcfg = run_config(lmdb_dir, out, s, variant, "teacher", 0, None)
         counts, n_val = _train_counts(tcfg)
-        n_train = sum(counts)
-        variants[variant] = {"class_counts": counts, "train_images": n_train, "val_images": n_val}
-        steps = max(1, n_train // s.batch_size)
+        if variant in s.variants:
+            variants[variant] = {"class_counts": counts, "train_images": sum(counts), "val_images": n_val}
+        specs.append(_spec(out, f"{variant}-teacher", variant, "teacher", 0, tcfg, [], sum(counts), n_val))
+    teacher = out / "runs" / "balanced-teacher" / "last.pt"
+    n_train = n_val = 0
+    for loss, _row, _p in LOSS_ROWS:
+        for lr in STUDENT_LRS:
+            cfg = run_config(tune_lmdb, out, s, "balanced", loss, 0, teacher, lr=lr, epochs=s.tune_epochs)
+            if not n_train:
+                counts, n_val = _train_counts(cfg)
+                n_train = sum(counts)
+            deps = ["balanced-teacher"] if loss != "ce" else []
+            specs.append(_spec(out, f"tune-{loss}-lr{lr:g}", "tune", loss, 0, cfg, deps, n_train, n_val))
+    return specs, variants
 
-        def spec(name: str, loss: str, seed: int, cfg: Any, deps: list[str]) -> RunSpec:
-            epochs = cfg.train.epochs
-            cost = epochs * (n_train * COST_TRAIN[loss] + n_val * COST_EVAL[loss])
-            if loss in ("kd", "wsld"):
-                cost += n_val * COST_EVAL["teacher"]
-            return RunSpec(name, variant, loss, seed, cfg, out / "configs" / f"{name}.yaml", out / "runs" / name,
-                           out / "logs" / f"{name}.log", deps, cost, epochs * steps)
 
-        specs.append(spec(tname, "teacher", 0, tcfg, []))
+def select_lrs(specs: list[RunSpec]) -> dict[str, dict]:
+    """Per loss, the rate whose run ends best on the held-out images (ties: the first in STUDENT_LRS)."""
+    out: dict[str, dict] = {}
+    for loss, _row, _p in LOSS_ROWS:
+        table: dict[str, float] = {}
+        for sp in specs:
+            if sp.variant == "tune" and sp.loss == loss:
+                summary = json.loads((sp.run_dir / "summary.json").read_text(encoding="utf-8"))
+                table[f"{sp.config.train.lr:g}"] = summary["last_top1"]
+        best = None
+        for lr in STUDENT_LRS:
+            if best is None or table[f"{lr:g}"] > table[f"{best:g}"]:
+                best = lr
+        out[loss] = {"lr": best, "heldout_top1": table}
+    return out
+
+
+def plan_students(out: Path, lmdb_dir: Path, s: Settings, variants: dict[str, dict], lrs: dict[str, dict]) -> list[RunSpec]:
+    """Phase 2: every loss and seed on every variant, each loss with its selected learning rate."""
+    specs = []
+    for variant, info in variants.items():
+        tname = f"{variant}-teacher"
         for seed in range(s.seeds):
             for loss, _row, _p in LOSS_ROWS:
-                cfg = run_config(lmdb_dir, out, s, variant, loss, seed, tdir / "last.pt")
-                specs.append(spec(f"{variant}-{loss}-s{seed}", loss, seed, cfg, [tname] if loss != "ce" else []))
-    return specs, variants
+                cfg = run_config(lmdb_dir, out, s, variant, loss, seed, out / "runs" / tname / "last.pt", lr=lrs[loss]["lr"])
+                specs.append(_spec(out, f"{variant}-{loss}-s{seed}", variant, loss, seed, cfg,
+                                   [tname] if loss != "ce" else [], info["train_images"], info["val_images"]))
+    return specs
 
 
 def write_configs(specs: list[RunSpec]) -> None:
@@ -287,6 +335,9 @@ def write_configs(specs: list[RunSpec]) -> None:
     for sp in specs:
         sp.config_path.parent.mkdir(parents=True, exist_ok=True)
         what = "the teacher (CE)" if sp.loss == "teacher" else f"the student with {sp.loss}, seed {sp.seed}"
+        if sp.variant == "tune":
+            what = (f"learning-rate search, the student with {sp.loss} at lr {sp.config.train.lr:g} "
+                    "(val = held-out training images)")
         header = (
             f"# wsld demo, {sp.variant}: {what}. Written by `wsld demo`; rerun by hand with\n"
             f"#   wsld train {sp.config_path} --out RUN_DIR\n"
@@ -426,7 +477,7 @@ class Runner:
 
     def _ready(self, pending: list[tuple[str, str]]) -> Optional[tuple[str, str]]:
         for item in pending:  # planned order: teachers first, then seeds; a blocked run waits
-            if all(d in self.done for d in self.specs[item[0]].deps):
+            if all(d in self.done or d not in self.specs for d in self.specs[item[0]].deps):  # others: an earlier phase
                 return item
         return None
 
@@ -853,6 +904,27 @@ def comparison_lines(results: dict[str, Any], variant: str) -> list[str]:
     return out
 
 
+def tuning_lines(meta: dict[str, Any]) -> list[str]:
+    """The learning-rate search: procedure and table (held-out top-1 per loss and rate)."""
+    t = meta["tuning"]
+    lrs = [f"{lr:g}" for lr in t["lrs"]]
+    lines = [
+        f"Before the comparison, every loss trains the student once per learning rate in {{{', '.join(lrs)}}} "
+        f"(per 256 images), seed 0, {t['epochs']} epochs, on the first {t['per_class']:,} training images of each "
+        f"class, and is evaluated on the next {t['per_class']:,} training images of each class (held out: never "
+        "trained on; the test images are not used). Each loss then uses, for every seed and both variants, the "
+        "rate with the best held-out top-1 at the last epoch. The KD/WSLD search runs use the balanced teacher.",
+        "",
+        "```", *meta["tune_commands"], "```", "",
+        f"| loss | {' | '.join(f'lr {lr}' for lr in lrs)} | chosen |",
+        "|---|" + "---|" * (len(lrs) + 1),
+    ]
+    for loss, v in t["chosen"].items():
+        cells = [f"**{v['heldout_top1'][lr]:.2f}**" if float(lr) == v["lr"] else f"{v['heldout_top1'][lr]:.2f}" for lr in lrs]
+        lines.append(f"| {LOSS_NAMES[loss]} | {' | '.join(cells)} | {v['lr']:g} |")
+    return lines
+
+
 def write_report(out: Path, results: dict[str, Any], meta: dict[str, Any], plots: list[Path]) -> str:
     """``report.md``; returns the short table printed at the end of the demo."""
     from wsld.checkpoint import atomic_write_text
@@ -908,19 +980,21 @@ def write_report(out: Path, results: dict[str, Any], meta: dict[str, Any], plots
         f"- student `cnn_student`, teacher `cnn_teacher`, 3-channel 28x28 PNGs decoded from the LMDB, "
         f"normalised with Fashion-MNIST's mean/std",
         f"- epochs: {r['epochs']} (teacher: {r['teacher_epochs']}), batch {r['batch_size']}, SGD momentum 0.9 Nesterov, "
-        f"lr 0.1 x batch/256, cosine schedule, weight decay 5e-4, fp32",
+        f"lr x batch/256 with the lr per loss chosen below (teacher: 0.1), cosine schedule, weight decay 5e-4, fp32",
         "- augmentation: random 28x28 crop of the image zero-padded by 2 pixels + horizontal flip "
         "(`data.train_crop=padded`); test: the image as it is",
         "- KD: T = 4, alpha = 0.9 (`(1 - alpha) CE + alpha T^2 KL`); WSLD: T = 4, alpha = 2.25 "
         "(`CE + alpha * weighted soft term`), the authors' CIFAR-100 values",
-        "- no tuning: every value above was fixed before the runs and is the same for every loss and seed",
+        "- one search, the same for every loss: the learning rate (table below); every other value was fixed "
+        "before the runs and is the same for every loss and seed",
         "- the teacher is its own CE run (`<variant>-teacher`), trained once per variant on that variant's training "
         "split; every KD/WSLD run loads its `last.pt` as `model.teacher_weights`",
         "- the teacher's output is computed **online** in every step, on the exact augmented batch the student sees "
         "(teacher in eval mode, BatchNorm running statistics, no gradient)",
         "- seed s fixes the student's initialisation and the data order/augmentation, the same for every loss, so "
         "differences are also given paired by seed",
-        "", "## Runs", "",
+        "", "## Learning rate: one search per loss, the same for every loss", "",
+        *tuning_lines(meta), "", "## Runs", "",
         "| run | config | last top-1 | best top-1 (epoch) | time |", "|---|---|---|---|---|",
     ]  # fmt: skip
     for run in meta["runs"]:
@@ -954,11 +1028,14 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
             base[key] = value
     if args.limit_per_class is not None:
         base["train_per_class"] = base["val_per_class"] = args.limit_per_class
+        base["tune_per_class"] = max(1, min(base["tune_per_class"], args.limit_per_class // 2))
+    if args.tune_epochs is not None:
+        base["tune_epochs"] = args.tune_epochs
     cpus = os.cpu_count() or 1
     jobs = args.jobs if args.jobs is not None else (1 if torch.cuda.is_available() else min(2, cpus))
     threads = args.threads if args.threads is not None else max(1, cpus // max(1, jobs))
     s = Settings(**base, batch_size=args.batch_size, jobs=jobs, threads=threads, quick=args.quick, source=args.data_path)
-    for key in ("seeds", "epochs", "teacher_epochs", "batch_size", "jobs", "threads"):
+    for key in ("seeds", "epochs", "teacher_epochs", "tune_epochs", "batch_size", "jobs", "threads"):
         if getattr(s, key) < 1:
             raise UserError(f"--{key.replace('_', '-')} must be >= 1, got {getattr(s, key)}")
     if s.train_per_class is not None and s.train_per_class < 1:
@@ -971,8 +1048,8 @@ def command_line(args: argparse.Namespace) -> str:
     parts = ["wsld", "demo"]
     if args.quick:
         parts.append("--quick")
-    for key in ("out", "seeds", "variants", "epochs", "teacher_epochs", "jobs", "threads", "batch_size", "limit_per_class",
-                "data_path"):
+    for key in ("out", "seeds", "variants", "epochs", "teacher_epochs", "tune_epochs", "jobs", "threads", "batch_size",
+                "limit_per_class", "data_path"):
         value = getattr(args, key)
         if value is None or (key == "batch_size" and value == 128):
             continue
@@ -1009,6 +1086,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help=f"student epochs, every loss (default {FULL['epochs']}, --quick {QUICK['epochs']})")
     p.add_argument("--teacher-epochs", type=_positive_int, metavar="E",
                    help=f"teacher epochs (default {FULL['teacher_epochs']}, --quick {QUICK['teacher_epochs']})")
+    p.add_argument("--tune-epochs", type=_positive_int, metavar="E",
+                   help=f"epochs of each learning-rate search run (default {FULL['tune_epochs']}, --quick {QUICK['tune_epochs']})")
     p.add_argument("--jobs", type=_positive_int, metavar="N",
                    help="training runs at a time, each a 'wsld train' process (default: 2 on a CPU machine with 2+ "
                    "cores, 1 with CUDA; 1 runs them one by one in this process)")
@@ -1058,11 +1137,26 @@ def _run_demo(args: argparse.Namespace) -> int:
         raise UserError(f"cannot create the demo folder {out}: {e.strerror or e} (choose another --out)") from None
     log(f"{out}: {s.seeds} seed(s), {', '.join(s.variants)}; {s.epochs} student epochs, {s.teacher_epochs} teacher "
         f"epochs; {s.jobs} run(s) at a time")
-    lmdb_dir, data_commands = prepare_data(out, s, log)
-    specs, variants = plan_runs(out, lmdb_dir, s)
-    states = {sp.name: run_state(sp) for sp in specs}  # refuses runs of other settings before writing anything
-    write_configs(specs)
-    times = Runner(specs, states, s, progress, log, stream).run()
+    data = out / "data"
+    main_plan: ExportPlan = {"train": ("train", 0, s.train_per_class), "val": ("val", 0, s.val_per_class)}
+    lmdb_dir, data_commands = prepare_data(data / data_folder_name(s.train_per_class, s.val_per_class), main_plan, s, log)
+    n = s.tune_per_class  # tuning split: train = the first n training images per class, val = the next n
+    tune_plan: ExportPlan = {"train": ("train", 0, n), "val": ("train", n, n)}
+    tune_lmdb, tune_commands = prepare_data(data / f"fashion-mnist-tune-{n}", tune_plan, s, log)
+
+    def run_phase(specs: list[RunSpec]) -> dict[str, float]:
+        states = {sp.name: run_state(sp) for sp in specs}  # refuses runs of other settings before writing anything
+        write_configs(specs)
+        return Runner(specs, states, s, progress, log, stream).run()
+
+    phase1, variants = plan_teachers_and_tuning(out, lmdb_dir, tune_lmdb, s)
+    times = run_phase(phase1)
+    lrs = select_lrs(phase1)
+    log("learning rates chosen on held-out training images: "
+        + ", ".join(f"{loss} {v['lr']:g}" for loss, v in lrs.items()))
+    phase2 = plan_students(out, lmdb_dir, s, variants, lrs)
+    times.update(run_phase(phase2))
+    specs = phase1 + phase2
 
     from wsld.data.builtin import FASHION_MNIST_CLASSES
 
@@ -1089,7 +1183,8 @@ def _run_demo(args: argparse.Namespace) -> int:
         "machine": {"cpus": os.cpu_count(), "torch": torch.__version__, "load_start": load_start,
                     "load_end": os.getloadavg()[0],
                     "device": "CUDA " + torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"},
-        "data_root": str(lmdb_dir.parent), "data_commands": data_commands,
+        "data_root": str(lmdb_dir.parent), "data_commands": data_commands, "tune_commands": tune_commands,
+        "tuning": {"lrs": list(STUDENT_LRS), "per_class": s.tune_per_class, "epochs": s.tune_epochs, "chosen": lrs},
         "wall_s": time.perf_counter() - t_start,
         "runs_s": sum(v for v in timings.values()),
         "training_span_s": training_span(specs),
