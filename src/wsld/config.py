@@ -114,7 +114,7 @@ class TrainConfig:
 class TeacherTrainConfig:
     """How the teacher is trained when model.teacher_weights is null (built-in and custom data)."""
 
-    epochs: int = 4
+    epochs: int = 5
     lr: float = 0.1
     weight_decay: float = 5e-4
     schedule: str = "cosine"

@@ -26,7 +26,7 @@ def _conv_bn(cin: int, cout: int, stride: int = 1, groups: int = 1) -> nn.Sequen
 
 
 class CNNTeacher(nn.Module):
-    """Five 3x3 conv layers with BN (~35k parameters): about 92% on Fashion-MNIST in 4 epochs."""
+    """Five 3x3 conv layers with BN (~35k parameters): about 90% on Fashion-MNIST in 5 epochs, 91.4% in 8."""
 
     def __init__(self, num_classes: int = 10, in_channels: int = 1, width: int = 16):
         super().__init__()
