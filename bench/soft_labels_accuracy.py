@@ -112,10 +112,19 @@ def main(argv=None) -> int:
         summary[name] = {"top1": by_seed, "mean": mean, "mean_diff_vs_online": statistics.mean(diffs)}
         print(f"{name:<16}" + "".join(f"{by_seed[s]:>10.2f}" for s in args.seeds) + f"{mean:>10.2f}"
               + (f"{mean - online_mean:>+11.2f}" if name != "online" else f"{'':>11}"))  # fmt: skip
+    errors = {}
+    classes = len(_store_meta(stores[max(args.topk)])["classes"])
+    if max(args.topk) == classes:
+        errors = label_error(stores[classes], args.topk, common)
+        print(f"\nrebuilt vs exact soft label on the store's crops (T = {errors[max(args.topk)]['T']}, from the k = {classes} store)")
+        print(f"{'k':<6}{'T=1 unstored mass':>19}{'L1 tempered mean':>18}{'p90':>8}{'tempered unstored: exact':>26}{'rebuilt':>9}")
+        for k, e in errors.items():
+            print(f"{k:<6}{e['unstored_mass_T1_mean']:>19.4f}{e['l1_tempered_mean']:>18.4f}{e['l1_tempered_p90']:>8.4f}"
+                  f"{e['unstored_mass_tempered_exact']:>26.4f}{e['unstored_mass_tempered_rebuilt']:>9.4f}")  # fmt: skip
     record = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S"), "command": shlex.join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])]),
         "dataset": args.dataset, "epochs": args.epochs, "parallel": args.parallel, "seeds": args.seeds, "topk": args.topk, "overrides": common,
-        "results": summary, "minutes": round((time.time() - t0) / 60, 1), "cpu_count": os.cpu_count(),
+        "results": summary, "label_error": {str(k): v for k, v in errors.items()}, "minutes": round((time.time() - t0) / 60, 1), "cpu_count": os.cpu_count(),
     }  # fmt: skip
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -125,6 +134,43 @@ def main(argv=None) -> int:
     tmp.write_text(json.dumps(history, indent=1) + "\n")
     os.replace(tmp, out)
     return 0
+
+
+def label_error(full_store: Path, topks: list[int], overrides: list[str]) -> dict[int, dict[str, float]]:
+    """How far the rebuilt soft label for each k is from the exact one, from a k = classes store:
+    the T = 1 mass of the classes neither stored nor labelled, and the L1 distance between the
+    exact and the rebuilt tempered labels softmax(z / T) at the config's distill.T."""
+    sys.path.insert(0, str(REPO / "src"))
+    import numpy as np
+    import torch
+
+    from wsld.config import load_config
+    from wsld.data import build_datasets
+    from wsld.soft_labels import SoftLabelStore, records_to_tensors, teacher_logits_from_stored
+
+    cfg = load_config(None, overrides)
+    train, _, info = build_datasets(cfg.data, seed=cfg.train.seed)
+    store = SoftLabelStore(full_store)
+    recs = np.concatenate([store.records(i) for i in range(len(train))])
+    y = torch.tensor(np.repeat(np.asarray(train.targets), store.crops))
+    t = records_to_tensors(recs)
+    z = teacher_logits_from_stored(t["log_prob"], t["class_index"], t["lse"], t["true_logit"], t["tail_lse"], y, info.num_classes)
+    T, rows, out = cfg.distill.T, torch.arange(len(y)), {}
+    for k in sorted(topks):
+        idx = t["class_index"][:, :k]
+        tail_lse = torch.logsumexp(z.scatter(1, idx, float("-inf")).scatter(1, y[:, None], float("-inf")), dim=1)
+        r = teacher_logits_from_stored(t["log_prob"][:, :k], idx, t["lse"], t["true_logit"], tail_lse, y, info.num_classes)
+        known = torch.zeros_like(z, dtype=torch.bool).scatter_(1, idx, True)
+        known[rows, y] = True
+        exact_t, rebuilt_t = torch.softmax(z / T, 1), torch.softmax(r / T, 1)
+        l1 = (exact_t - rebuilt_t).abs().sum(1)
+        out[k] = {
+            "T": T, "unstored_mass_T1_mean": float(torch.softmax(z, 1).masked_fill(known, 0).sum(1).mean()),
+            "l1_tempered_mean": float(l1.mean()), "l1_tempered_p90": float(l1.quantile(0.9)),
+            "unstored_mass_tempered_exact": float(exact_t.masked_fill(known, 0).sum(1).mean()),
+            "unstored_mass_tempered_rebuilt": float(rebuilt_t.masked_fill(known, 0).sum(1).mean()),
+        }  # fmt: skip
+    return out
 
 
 def _store_meta(store: Path) -> dict:
