@@ -240,6 +240,9 @@ def run_config(lmdb_dir: Path, out: Path, s: Settings, variant: str, loss: str, 
             "optimizer": "sgd", "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4, "schedule": "cosine",
             "warmup_epochs": 0.0, "amp": "off", "seed": seed, "log_every": 25, "progress": True,
         },
+        # unused (the teacher is its own run, then given as weights); pinned so that a new built-in
+        # default does not make finished demo runs look like runs of other settings
+        "teacher_train": {"epochs": 4, "lr": 0.1, "weight_decay": 5e-4, "schedule": "cosine"},
         "checkpoint": {"every_steps": 100},
     }  # fmt: skip
     cfg = config_from_dict(d)
@@ -502,8 +505,9 @@ class Runner:
 
         watcher = threading.Thread(target=monitor, daemon=True)
         watcher.start()
-        threads = torch.get_num_threads()
+        threads, env_threads = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
         torch.set_num_threads(max(1, self.s.threads))
+        os.environ["OMP_NUM_THREADS"] = str(max(1, self.s.threads))  # the engine keeps a thread count set so
         try:
             pending = list(todo)
             while pending:
@@ -531,6 +535,10 @@ class Runner:
         finally:
             stop.set()
             torch.set_num_threads(threads)
+            if env_threads is None:
+                os.environ.pop("OMP_NUM_THREADS", None)
+            else:
+                os.environ["OMP_NUM_THREADS"] = env_threads
 
     def _run_processes(self, todo: list[tuple[str, str]]) -> None:
         """``jobs`` parallel ``wsld train`` processes with ``threads`` threads each."""
