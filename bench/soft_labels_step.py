@@ -36,7 +36,7 @@ import torch  # noqa: E402
 from wsld.engine import StepContext, amp_dtype_for, set_teacher_bn_mode, train_step  # noqa: E402
 from wsld.losses import DistillLoss  # noqa: E402
 from wsld.models import build_model  # noqa: E402
-from wsld.soft_labels import record_dtype, records_to_tensors, teacher_logits_fn_for  # noqa: E402
+from wsld.soft_labels import records_from_logits, records_to_tensors, teacher_logits_fn_for  # noqa: E402
 
 
 def _sync(dev: torch.device) -> None:
@@ -96,13 +96,7 @@ def main(argv=None) -> int:
     with torch.no_grad(), torch.autocast(dev.type, dtype=amp, enabled=amp is not None):
         z = teacher(x).float()
     k = min(args.topk, args.classes)
-    lse = torch.logsumexp(z, 1)
-    val, idx = z.topk(k, 1)
-    recs = np.zeros(bs, dtype=record_dtype(k, args.classes, args.precision))
-    recs["class_index"] = idx.cpu().numpy()
-    recs["log_prob"] = (val - lse[:, None]).cpu().numpy()
-    recs["lse"] = lse.cpu().numpy()
-    recs["true_logit"] = z.gather(1, y[:, None])[:, 0].cpu().numpy()
+    recs = records_from_logits(z, y, k, args.precision)
     raw = [recs[i : i + 1].tobytes() for i in range(bs)]  # one LMDB value each, as workers read them
 
     def to_tensors():

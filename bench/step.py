@@ -11,7 +11,9 @@ more. In one process, on one batch of random images, this times, interleaved rou
 - (c) the full distillation step as the engine runs it: ``train_step`` with the teacher and the
   ``wsld`` loss, likewise ``kd``, and ``ce`` (the engine runs ``ce`` without a teacher, so it
   equals (a): the ratio between the two is this machine's noise floor);
-- (c) ``wsld`` with the per-step finiteness check off: what the check's host sync costs.
+- (c) ``wsld`` with the per-step finiteness check off: what the check's host sync costs;
+- (c) ``wsld`` with stored soft labels (``distill.soft_labels``; ``--soft-labels-topk``): no teacher
+  forward, the teacher's logits rebuilt from the batch's stored top-k records.
 
 Reported: the waste ratio (c)/((a)+(b)), target <= 1.05, and the distillation overhead (c)/(a),
 each as the ratio of medians and as the median (min-max) of per-round ratios. Timed iterations
@@ -60,6 +62,7 @@ def step_name(loss: str) -> str:
 
 
 NO_CHECK = "(c) wsld step, finite check off"
+CACHED = "(c) wsld step, stored soft labels (no teacher)"
 
 
 def parse_config(text: str) -> dict:
@@ -118,6 +121,25 @@ def measure_config(args, conf: dict, dev: torch.device) -> dict:
         variants[step_name(loss)] = stepper(ctx(loss, loss != "ce"))
     if "wsld" in args.losses and not args.no_check_variant:
         variants[NO_CHECK] = stepper(ctx("wsld", True, check=False))
+    if "wsld" in args.losses and args.soft_labels_topk > 0:
+        # distill.soft_labels: no teacher forward; its logits rebuilt from this batch's stored top-k
+        # records, handed over as the tensors the replay collate makes (docs/soft_labels.md)
+        from wsld.soft_labels import records_from_logits, records_to_tensors, teacher_logits_fn_for
+
+        with torch.no_grad(), _autocast(dev, amp):
+            z = run_teacher(x).float()
+        extra = records_to_tensors(records_from_logits(z, y, min(args.soft_labels_topk, args.classes)))
+        extra["target"] = y.cpu()
+        if dev.type == "cuda":
+            extra = {k: v.pin_memory() for k, v in extra.items()}
+        cached = ctx("wsld", False)
+        cached.teacher_logits_fn = teacher_logits_fn_for(args.classes)
+
+        def cached_step() -> None:
+            if train_step(cached, x, y, extra)[0] is None:
+                skipped["n"] += 1
+
+        variants[CACHED] = cached_step
 
     names = list(variants)
     t_warm = time.perf_counter()
@@ -153,6 +175,9 @@ def measure_config(args, conf: dict, dev: torch.device) -> dict:
             ratios["ce step (c)/(a): noise floor, ideally 1"] = ratio(c, [A])
     if NO_CHECK in times:
         ratios["finite check cost: wsld (c) / (c, check off)"] = ratio(step_name("wsld"), [NO_CHECK])
+    if CACHED in times:
+        ratios["stored soft labels: (c, stored) / (c) wsld"] = ratio(CACHED, [step_name("wsld")])
+        ratios["stored soft labels overhead (c, stored)/(a)"] = ratio(CACHED, [A])
     return {
         "config": conf["name"], "amp": "bf16" if conf["amp"] else "off", "channels_last": conf["channels_last"],
         "compile": conf["compile"], "warmup_s": warm_s, "times_ms": {n: stats(v) for n, v in times.items()},
@@ -191,6 +216,8 @@ def main(argv=None) -> int:
     ap.add_argument("--losses", default="wsld,kd,ce", help="comma-separated losses for (c) (default: %(default)s)")
     ap.add_argument("--configs", default=None, help="comma-separated configurations (see above; default: fp32 on CPU, fp32,bf16+cl on CUDA)")
     ap.add_argument("--no-check-variant", action="store_true", help="skip the 'finite check off' variant")
+    ap.add_argument("--soft-labels-topk", type=int, default=10, metavar="K",
+                    help="also time wsld with stored top-K soft labels (distill.soft_labels), 0: skip (default: %(default)s)")
     ap.add_argument("--teacher-bn-mode", choices=["eval", "train"], default="eval", help="as model.teacher_bn_mode (default: %(default)s)")
     ap.add_argument("--lr", type=float, default=1e-3, help="SGD learning rate (default: %(default)s; small so random data stays finite)")
     ap.add_argument("--cudnn-benchmark", action="store_true", help="set torch.backends.cudnn.benchmark (the engine leaves it off)")

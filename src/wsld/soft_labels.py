@@ -122,6 +122,21 @@ def teacher_logits_from_stored(
     return lp + lse[:, None]
 
 
+def records_from_logits(logits: Tensor, target: Tensor, topk: int, precision: str = "float16") -> np.ndarray:
+    """The stored form of teacher logits (N, C) for labels ``target`` (``box``/``flip`` left 0)."""
+    logits = logits.detach().float()
+    lse = torch.logsumexp(logits, dim=1)
+    top_val, top_idx = logits.topk(topk, dim=1)
+    unstored = logits.scatter(1, top_idx, float("-inf")).scatter(1, target[:, None], float("-inf"))
+    rec = np.zeros(len(logits), dtype=record_dtype(topk, logits.shape[1], precision))
+    rec["class_index"] = top_idx.cpu().numpy()
+    rec["log_prob"] = (top_val - lse[:, None]).clamp_min(-6e4).cpu().numpy()  # finite in float16
+    rec["lse"] = lse.cpu().numpy()
+    rec["true_logit"] = logits.gather(1, target[:, None])[:, 0].cpu().numpy()
+    rec["tail_lse"] = torch.logsumexp(unstored, dim=1).cpu().numpy()
+    return rec
+
+
 def records_to_tensors(records: np.ndarray) -> dict[str, Tensor]:
     """Structured records (N,) -> the tensors ``teacher_logits_from_stored`` takes."""
     return {
@@ -587,19 +602,10 @@ def make_soft_labels(
                     x = normalize(torch.cat([it[1] for it in good]))
                     with _autocast(dev, amp):
                         logits = teacher(x)
-                    logits = logits.float()
                     y = torch.tensor([it[2] for it in good for _ in range(crops)], device=dev)
-                    lse = torch.logsumexp(logits, dim=1)
-                    top_val, top_idx = logits.topk(topk, dim=1)
-                    rec = np.zeros(len(x), dtype=dtype)
+                    rec = records_from_logits(logits, y, topk, precision)
                     rec["box"] = torch.cat([it[3][:, :4] for it in good]).numpy()
                     rec["flip"] = torch.cat([it[3][:, 4] for it in good]).numpy()
-                    rec["class_index"] = top_idx.cpu().numpy()
-                    rec["log_prob"] = (top_val - lse[:, None]).clamp_min(-6e4).cpu().numpy()  # finite in float16
-                    rec["lse"] = lse.cpu().numpy()
-                    rec["true_logit"] = logits.gather(1, y[:, None])[:, 0].cpu().numpy()
-                    unstored = logits.scatter(1, top_idx, float("-inf")).scatter(1, y[:, None], float("-inf"))
-                    rec["tail_lse"] = torch.logsumexp(unstored, dim=1).cpu().numpy()
                     for j, it in enumerate(good):
                         values[it[0]] = rec[j * crops : (j + 1) * crops].tobytes()
                 while True:
