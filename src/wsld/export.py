@@ -88,7 +88,11 @@ def sample_batch(cfg, in_channels: int, log: Callable[[str], None]) -> tuple[Ten
         log(f"validation data not readable here ({e}): checking the export on Gaussian noise instead")
         g = torch.Generator().manual_seed(0)
         x = torch.randn(CHECK_BATCH, in_channels, size, size, generator=g)
-        return x, {"check_input": "gaussian noise", "image_size": size, "mean": cfg.data.mean, "std": cfg.data.std}
+        from wsld.data import IMAGENET_MEAN, IMAGENET_STD  # what photo datasets normalise with by default
+
+        mean = list(cfg.data.mean) if cfg.data.mean is not None else IMAGENET_MEAN
+        std = list(cfg.data.std) if cfg.data.std is not None else IMAGENET_STD
+        return x, {"check_input": "gaussian noise", "image_size": size, "mean": mean, "std": std}
     images = []
     for i in range(len(val)):
         item = val[i]
