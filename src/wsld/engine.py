@@ -944,6 +944,7 @@ class Trainer:
             "student": cfg.model.student,
             "teacher": cfg.model.teacher if self.teacher is not None else None,
             "teacher_bn_mode": cfg.model.teacher_bn_mode if self.teacher is not None else None,
+            "soft_labels": cfg.distill.soft_labels,
             "epochs": cfg.train.epochs,
             "last_top1": last_eval["top1"],
             "last_top5": last_eval["top5"],

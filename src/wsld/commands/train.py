@@ -80,7 +80,8 @@ def run(args: argparse.Namespace) -> int:
 
 def print_report(s: dict) -> None:
     out = sys.stdout
-    print(f"\nwsld result: {s['loss']} ({s['teacher'] or 'no teacher'} -> {s['student']}), {s['epochs']} epochs, run {s['run_dir']}", file=out)
+    source = s["teacher"] or (f"soft labels {s['soft_labels']}" if s.get("soft_labels") else "no teacher")
+    print(f"\nwsld result: {s['loss']} ({source} -> {s['student']}), {s['epochs']} epochs, run {s['run_dir']}", file=out)
     if s.get("teacher_top1") is not None:
         bn = f", BatchNorm {s['teacher_bn_mode']} mode in distillation" if s.get("teacher_bn_mode") else ""
         print(f"  teacher {s['teacher']:<14} top-1 {s['teacher_top1']:6.2f}  top-5 {s['teacher_top5']:6.2f}  <- evaluated once at the start{bn}", file=out)
