@@ -77,3 +77,17 @@ def append_result(path: str | Path, record: dict[str, Any]) -> Path:
 
 def now() -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S")
+
+
+def setup_device(ap: Any, device: Optional[str], threads: Optional[int]) -> Any:
+    """The ``--device``/``--threads`` flags of every bench script: the torch device, checked."""
+    import torch
+
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda given but CUDA is not available")
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    if threads:
+        torch.set_num_threads(threads)
+    return dev

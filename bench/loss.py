@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
-from bench_common import RESULTS, append_result, command_line, machine, now, stats  # noqa: E402
+from bench_common import RESULTS, append_result, command_line, machine, now, setup_device, stats  # noqa: E402
 from wsld.losses import DistillLoss  # noqa: E402
 
 LOSS_ARGS = {"wsld": {"T": 2.0, "alpha": 2.5}, "kd": {"T": 4.0, "alpha": 0.9}, "ce": {}}
@@ -108,13 +108,7 @@ def main(argv=None) -> int:
     ap.add_argument("--no-save", action="store_true", help="print only, append nothing")
     args = ap.parse_args(argv)
 
-    dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        ap.error("--device cuda given but CUDA is not available")
-    if dev.type == "cuda":
-        torch.cuda.set_device(dev)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    dev = setup_device(ap, args.device, args.threads)
     losses = [s for s in args.losses.split(",") if s]
     for name in losses:
         if name not in LOSS_ARGS:

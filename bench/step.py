@@ -46,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
-from bench_common import RESULTS, append_result, command_line, machine, now, stats  # noqa: E402
+from bench_common import RESULTS, append_result, command_line, machine, now, setup_device, stats  # noqa: E402
 from wsld.config import Config  # noqa: E402
 from wsld.engine import StepContext, _autocast, build_optimizer, set_teacher_bn_mode, train_step  # noqa: E402
 from wsld.losses import DistillLoss  # noqa: E402
@@ -227,14 +227,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-save", action="store_true", help="print only, append nothing")
     args = ap.parse_args(argv)
 
-    dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        ap.error("--device cuda given but CUDA is not available")
+    dev = setup_device(ap, args.device, args.threads)
     cuda = dev.type == "cuda"
-    if cuda:
-        torch.cuda.set_device(dev)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     if args.cudnn_benchmark:
         torch.backends.cudnn.benchmark = True
     args.batch_size = args.batch_size or (256 if cuda else 8)
