@@ -1,4 +1,4 @@
-"""train.threads: auto leaves cores to the data workers; explicit values and OMP_NUM_THREADS win."""
+"""train.threads: auto shares the cores among a node's processes; explicit values and OMP_NUM_THREADS win."""
 
 import torch
 
@@ -6,14 +6,16 @@ from wsld.config import load_config
 from wsld.engine import Runtime, cpu_threads
 
 
-def test_auto_threads_leave_cores_to_the_workers(monkeypatch):
+def test_auto_threads_share_the_cores_among_the_processes(monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(8)), raising=False)
     rt = Runtime(torch.device("cpu"))
-    assert cpu_threads(load_config(None, ["data.workers=2"]), rt) == 6
-    assert cpu_threads(load_config(None, ["data.workers=9"]), rt) == 1
+    assert cpu_threads(load_config(None, ["data.workers=2"]), rt) == 8
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
-    assert cpu_threads(load_config(None, ["data.workers=1"]), Runtime(torch.device("cpu"), 0, 2)) == 3
+    assert cpu_threads(load_config(None, ["data.workers=1"]), Runtime(torch.device("cpu"), 0, 2)) == 4
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "16")
+    assert cpu_threads(load_config(None), Runtime(torch.device("cpu"), 0, 16)) == 1
     assert cpu_threads(load_config(None, ["train.threads=5"]), rt) == 5
 
 

@@ -101,10 +101,9 @@ class TrainConfig:
     ema_decay: float = 0.0  # EMA of student weights, 0 = off
     amp: str = "auto"  # auto | off | bf16 | fp16 (auto: bf16 on CUDA, fp16 on GPUs without bf16, off on CPU; fp16 is CUDA-only)
     seed: int = 0
-    # torch CPU threads per process; 0 = auto: on CPU, the cores of this process minus its data
-    # workers (at least 1), so compute threads and loader processes do not fight over cores
-    # (oversubscribed OpenMP threads spin and run several times slower); on CUDA or with
-    # OMP_NUM_THREADS set, torch's default
+    # torch CPU threads per process; 0 = auto: on CPU, the cores shared out among the processes of
+    # this node (2 processes on 2 cores: 1 each; oversubscribed threads spin and run several times
+    # slower); on CUDA or with OMP_NUM_THREADS set, torch's default
     threads: int = 0
     deterministic: bool = False  # torch deterministic algorithms (bit-exact resume on CPU; slower on GPU)
     eval_every: int = 1  # epochs

@@ -125,7 +125,7 @@ def cpu_threads(cfg: Config, rt: Runtime) -> Optional[int]:
         return None  # CUDA, or the user set the threads for the process
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", rt.world_size))
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores // max(1, local_world) - cfg.data.workers)
+    return max(1, cores // max(1, local_world))
 
 
 def set_cpu_threads(cfg: Config, rt: Runtime) -> None:
