@@ -169,6 +169,26 @@ def test_photo_crop_params_match_the_transform(image_tree):  # noqa: F811
     assert flips > 0
 
 
+def test_padded_photo_crop_params_match_the_transform(image_tree):  # noqa: F811
+    """train_crop=padded (the demo's mode): the box is in the val view's coordinates, offset by the padding."""
+    cfg = load_config(None, ["data.format=folder", f"data.data_path={image_tree.root}", "data.image_size=16",
+                             "data.val_resize=16", "data.train_crop=padded", "data.crop_padding=3",
+                             "data.val_split=train"])  # fmt: skip
+    train, val, _ = build_datasets(cfg.data, seed=0)  # val: the same training files, val transform
+    good = [i for i in range(len(train)) if isinstance(train[i], tuple) and isinstance(val[i], tuple)]
+    flips = 0
+    for i in good[:4]:
+        view = torch.nn.functional.pad(val[i][0], (3, 3, 3, 3))
+        for k in range(4):
+            seed = sample_seed(0, k, i)
+            top, left, h, w, flip = crop_params(train, i, seed)
+            img, _ = train[(i, seed)]
+            want = view[:, top + 3 : top + 3 + h, left + 3 : left + 3 + w]
+            assert torch.equal(img, want.flip(-1) if flip else want)
+            flips += flip
+    assert flips > 0
+
+
 def _drop_completion_and(store: Path, indices: list[int]) -> None:
     env = lmdb.open(str(store))
     with env.begin(write=True) as txn:

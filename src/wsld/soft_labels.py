@@ -65,7 +65,7 @@ PRECISIONS = {"float16": "<f2", "float32": "<f4"}
 # data keys that decide which pixels a seeded training crop holds
 CROP_DATA_KEYS = (
     "dataset", "format", "train_split", "image_size", "min_scale", "hflip", "augment", "color_jitter",
-    "fast_decode", "long_tail_ratio",
+    "fast_decode", "long_tail_ratio", "train_crop", "crop_padding", "val_resize",
 )  # fmt: skip
 # meta keys that must agree between a store and the run that resumes writing it
 IDENTITY_KEYS = ("format", "version", "crops", "topk", "precision", "classes", "count", "teacher",
@@ -190,6 +190,13 @@ def _photo_transform_params(transform: Any, img: Any, seed: Optional[int]) -> tu
     from wsld.data.transforms import _generator, random_resized_crop_params
 
     g = _generator(seed)
+    if getattr(transform, "crop", "resized") == "padded":
+        # padded crops: the box is in the coordinates of the Resize + CenterCrop view, offset by the padding
+        p, size = transform.padding, transform.size
+        top = int(torch.randint(0, 2 * p + 1, (1,), generator=g)) - p
+        left = int(torch.randint(0, 2 * p + 1, (1,), generator=g)) - p
+        flip = int(bool(transform.hflip) and torch.rand(1, generator=g).item() < 0.5)
+        return top, left, int(size), int(size), flip
     top, left, h, w = random_resized_crop_params(img.width, img.height, transform.scale, g)
     flip = int(bool(transform.hflip) and torch.rand(1, generator=g).item() < 0.5)
     return int(top), int(left), int(h), int(w), flip
