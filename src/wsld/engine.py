@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader
 from wsld.checkpoint import atomic_write_text, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from wsld.config import Config, config_from_dict, to_dict, to_yaml
 from wsld.data import DataInfo, build_datasets
+from wsld.data.datasets import collate_skip_corrupt
 from wsld.data.sampling import ResumableSampler
 from wsld.errors import CheckpointError, UserError
 from wsld.losses import DistillLoss
@@ -537,24 +538,10 @@ def make_loader(
     global random stream that dropout and friends use (exact resume needs that).
     """
     return DataLoader(
-        dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate_fn or _collate(),
+        dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate_fn or collate_skip_corrupt,
         pin_memory=device.type == "cuda", drop_last=drop_last, persistent_workers=False,
         prefetch_factor=4 if workers > 0 else None, generator=torch.Generator().manual_seed(seed),
     )  # fmt: skip
-
-
-def _collate():
-    try:
-        from wsld.data.datasets import collate_skip_corrupt
-
-        return collate_skip_corrupt
-    except ImportError:  # data module not built: built-in samples never fail
-        def collate(batch):
-            images = torch.stack([b[0] for b in batch])
-            targets = torch.tensor([b[1] for b in batch], dtype=torch.int64)
-            return images, targets, []
-
-        return collate
 
 
 class EpochStats:

@@ -192,11 +192,9 @@ def _photo_transform_params(transform: Any, img: Any, seed: Optional[int]) -> tu
     g = _generator(seed)
     if getattr(transform, "crop", "resized") == "padded":
         # padded crops: the box is in the coordinates of the Resize + CenterCrop view, offset by the padding
+        top, left, flip = transform.pad_crop.params(g)
         p, size = transform.padding, transform.size
-        top = int(torch.randint(0, 2 * p + 1, (1,), generator=g)) - p
-        left = int(torch.randint(0, 2 * p + 1, (1,), generator=g)) - p
-        flip = int(bool(transform.hflip) and torch.rand(1, generator=g).item() < 0.5)
-        return top, left, int(size), int(size), flip
+        return top - p, left - p, int(size), int(size), int(flip)
     top, left, h, w = random_resized_crop_params(img.width, img.height, transform.scale, g)
     flip = int(bool(transform.hflip) and torch.rand(1, generator=g).item() < 0.5)
     return int(top), int(left), int(h), int(w), flip
@@ -217,7 +215,7 @@ class _RecordingTransform:
     def __call__(self, img, *seed):
         from wsld.data.transforms import TrainTransform
 
-        from wsld.data.builtin import PadCropFlip
+        from wsld.data.transforms import PadCropFlip
 
         if isinstance(self.inner, TrainTransform):
             self.last = _photo_transform_params(self.inner, img, seed[0] if seed else None)

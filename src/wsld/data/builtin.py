@@ -14,6 +14,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from wsld.data.sampling import split_key
+from wsld.data.transforms import PadCropFlip
 from wsld.errors import DataError
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -127,29 +128,6 @@ BUILTIN_DATASETS: dict[str, dict] = {
         classes=[str(i) for i in range(10)], mean=[0.3053], std=[0.3755], pad=1, flip=False,
     ),
 }
-
-
-class PadCropFlip:
-    """Random crop of a zero-padded image (+ horizontal flip), drawn from a per-sample generator.
-
-    The same as torchvision's RandomCrop(size, padding) + RandomHorizontalFlip, but reading its
-    random numbers from ``g`` (seeded per sample), so there is no global-RNG re-seeding per sample.
-    """
-
-    def __init__(self, pad: int, flip: bool):
-        self.pad, self.flip = pad, flip
-
-    def params(self, g: torch.Generator) -> tuple[int, int, bool]:
-        top = int(torch.randint(0, 2 * self.pad + 1, (1,), generator=g))
-        left = int(torch.randint(0, 2 * self.pad + 1, (1,), generator=g))
-        flip = self.flip and bool(torch.rand(1, generator=g) < 0.5)
-        return top, left, flip
-
-    def __call__(self, img: Tensor, g: torch.Generator) -> Tensor:
-        top, left, flip = self.params(g)
-        h, w = img.shape[-2:]
-        out = torch.nn.functional.pad(img, (self.pad,) * 4)[..., top : top + h, left : left + w]
-        return out.flip(-1) if flip else out.contiguous()
 
 
 def build_builtin(name: str, split: str, data_path: Optional[str], train: bool, augment: bool, hflip: bool):

@@ -100,6 +100,29 @@ class _ColorJitter:
         return t
 
 
+class PadCropFlip:
+    """Random crop of a zero-padded image (+ horizontal flip), drawn from a per-sample generator.
+
+    The same as torchvision's RandomCrop(size, padding) + RandomHorizontalFlip, but reading its
+    random numbers from ``g`` (seeded per sample), so there is no global-RNG re-seeding per sample.
+    """
+
+    def __init__(self, pad: int, flip: bool):
+        self.pad, self.flip = pad, flip
+
+    def params(self, g: torch.Generator) -> tuple[int, int, bool]:
+        top = int(torch.randint(0, 2 * self.pad + 1, (1,), generator=g))
+        left = int(torch.randint(0, 2 * self.pad + 1, (1,), generator=g))
+        flip = self.flip and bool(torch.rand(1, generator=g) < 0.5)
+        return top, left, flip
+
+    def __call__(self, img: Tensor, g: torch.Generator) -> Tensor:
+        top, left, flip = self.params(g)
+        h, w = img.shape[-2:]
+        out = torch.nn.functional.pad(img, (self.pad,) * 4)[..., top : top + h, left : left + w]
+        return out.flip(-1) if flip else out.contiguous()
+
+
 class TrainTransform:
     """RandomResizedCrop(size, scale=(min_scale, 1)) + horizontal flip (+ ColorJitter(c, c, c)).
 
@@ -121,23 +144,13 @@ class TrainTransform:
         self.crop = crop
         self.padding = int(padding)
         self._view = ValTransform(self.size, self.size, fast_decode) if crop == "padded" else None
-
-    def _padded_crop(self, img: EncodedImage, g: torch.Generator) -> Tensor:
-        t = self._view(img)  # type: ignore[misc]
-        p = self.padding
-        top = int(torch.randint(0, 2 * p + 1, (1,), generator=g))
-        left = int(torch.randint(0, 2 * p + 1, (1,), generator=g))
-        if p:
-            t = torch.nn.functional.pad(t, (p, p, p, p))[:, top : top + self.size, left : left + self.size]
-        return t
+        self.pad_crop = PadCropFlip(self.padding, hflip)
 
     def __call__(self, img: EncodedImage, seed: Optional[int] = None) -> Tensor:
         """``img``'s header is read, its pixels not yet decoded; returns uint8 (3, size, size)."""
         g = _generator(seed)
         if self.crop == "padded":
-            out = self._padded_crop(img, g)
-            if self.hflip and torch.rand(1, generator=g).item() < 0.5:
-                out = out.flip(-1)
+            out = self.pad_crop(self._view(img), g)  # type: ignore[misc]
             if self.jitter is not None:
                 out = self.jitter(out, g)
             return out.contiguous()
