@@ -17,7 +17,6 @@ from __future__ import annotations
 import sys
 
 import pytest
-import torch
 from engine_helpers import TINY, comparable, digits_teacher, load_ck, records, run_cli, run_sub, sub_env  # noqa: F401
 
 from wsld.engine import STOP_AFTER_STEPS_ENV

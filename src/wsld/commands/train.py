@@ -45,7 +45,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from wsld.config import config_from_dict, load_config, to_dict
+    from wsld.config import load_config, to_dict
     from wsld.engine import RESUME_SAFE_KEYS, config_diff, default_run_dir, run_training
 
     config_path, overrides = split_config_and_overrides(args.args)
