@@ -179,7 +179,7 @@ def test_same_command_gives_the_same_numbers(demo, tmp_path, capsys):
 
 
 def test_learning_rate_is_searched_alike_for_every_loss_on_held_out_training_images(demo):
-    from wsld.demo import STUDENT_LRS
+    from wsld.demo.plan import STUDENT_LRS
 
     res = _results(demo)
     chosen = res["tuning"]["chosen"]

@@ -19,7 +19,7 @@ COMMAND_MODULES = [
     "wsld.commands.train",
     "wsld.commands.evaluate",
     "wsld.data.cli",
-    "wsld.demo",
+    "wsld.commands.demo",
     "wsld.soft_labels",
     "wsld.export",
 ]

@@ -1,0 +1,149 @@
+"""The PNG figures of the demo's report."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from wsld.demo.plan import LOSS_COLORS, LOSS_NAMES
+
+
+def _save_figure(fig, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    os.replace(tmp, path)
+
+
+def make_plots(results: dict[str, Any], plots: Path, seeds: int) -> list[Path]:
+    """The PNG figures of the report; returns their paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from matplotlib.ticker import MaxNLocator
+
+    written: list[Path] = []
+    seed_note = f"mean over {seeds} seed{'s' if seeds > 1 else ''}"
+    titles = {"balanced": "balanced", "long-tail": "long-tailed (ratio 100)"}
+
+    # 1. test top-1 per epoch, per variant
+    for variant, v in results.items():
+        fig, ax = plt.subplots(figsize=(7, 4.2))
+        for loss, entry in v["losses"].items():
+            curves = np.array([r["curve"] for r in entry["seeds"]], dtype=float)
+            x = np.arange(1, curves.shape[1] + 1)
+            ax.plot(x, curves.mean(0), marker="o", ms=3, color=LOSS_COLORS[loss], label=LOSS_NAMES[loss])
+            if len(curves) > 1:
+                ax.fill_between(x, curves.min(0), curves.max(0), color=LOSS_COLORS[loss], alpha=0.15)
+        ax.axhline(v["teacher"]["top1"], color=LOSS_COLORS["teacher"], ls="--", label=f"teacher ({v['teacher']['top1']:.2f})")
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylabel("test top-1 (%)")
+        band = ", band = min..max over seeds" if seeds > 1 else ""
+        ax.set_title(f"Fashion-MNIST {titles[variant]}: student test top-1 per epoch\n({seed_note}{band})")
+        ax.grid(alpha=0.3)
+        ax.legend(loc="lower right")
+        path = plots / f"curves_{variant}.png"
+        _save_figure(fig, path)
+        plt.close(fig)
+        written.append(path)
+
+    # 2. final top-1 with error bars over seeds
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    names = ["teacher", "ce", "kd", "wsld"]
+    width = 0.8 / len(names)
+    lows = []
+    for i, name in enumerate(names):
+        xs, ys, es = [], [], []
+        for j, (variant, v) in enumerate(results.items()):
+            if name == "teacher":
+                y, e = v["teacher"]["top1"], 0.0
+            else:
+                y, e = v["losses"][name]["top1_mean"], v["losses"][name]["top1_std"] or 0.0
+            xs.append(j + (i - (len(names) - 1) / 2) * width)
+            ys.append(y)
+            es.append(e)
+            lows.append(y)
+        label = "teacher (1 run)" if name == "teacher" else LOSS_NAMES[name]
+        bars = ax.bar(xs, ys, width, yerr=es, capsize=3, color=LOSS_COLORS[name], label=label)
+        ax.bar_label(bars, labels=[f"{y:.1f}" for y in ys], fontsize=7, padding=2)
+    ax.set_xticks(range(len(results)), [titles[v] for v in results])
+    ax.set_ylim(max(0.0, math.floor(min(lows) / 5) * 5 - 5), 100)
+    ax.set_ylabel("test top-1 (%), last epoch")
+    ax.set_title(f"Fashion-MNIST: final test top-1 ({seed_note}, error bar = std over seeds)")
+    ax.legend(loc="upper right", fontsize=8, ncol=4)
+    ax.grid(axis="y", alpha=0.3)
+    path = plots / "final_top1.png"
+    _save_figure(fig, path)
+    plt.close(fig)
+    written.append(path)
+
+    # 3. WSLD weight per class per epoch, next to per-class accuracy of CE vs WSLD
+    for variant, v in results.items():
+        weights = v["losses"]["wsld"].get("class_weights_mean")
+        if not weights:
+            continue
+        w = np.array(weights, dtype=float).T  # classes x epochs
+        classes = v["classes"]
+        counts = v["class_counts"]
+        labels = [f"{c} ({n:,})" for c, n in zip(classes, counts)]
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.8), gridspec_kw={"width_ratios": [1.15, 1]})
+        im = ax1.imshow(w, aspect="auto", cmap="viridis", origin="upper",
+                        extent=(0.5, w.shape[1] + 0.5, len(classes) - 0.5, -0.5))
+        ax1.set_yticks(range(len(classes)), labels)
+        ax1.set_xlabel("epoch")
+        ax1.set_xticks(range(1, w.shape[1] + 1))
+        ax1.set_title(f"mean WSLD sample weight per class and epoch\n({seed_note}; class (training images))")
+        fig.colorbar(im, ax=ax1, label="mean weight 1 - exp(-CE_s / CE_t)")
+        y = np.arange(len(classes))
+        ce_acc = v["losses"]["ce"]["per_class_top1_mean"]
+        ws_acc = v["losses"]["wsld"]["per_class_top1_mean"]
+        ax2.barh(y - 0.2, ce_acc, 0.4, color=LOSS_COLORS["ce"], label="CE (student alone)")
+        ax2.barh(y + 0.2, ws_acc, 0.4, color=LOSS_COLORS["wsld"], label="WSLD")
+        ax2.scatter(v["teacher"]["per_class_top1"], y, marker="|", s=120, color="black", label="teacher", zorder=3)
+        ax2.set_yticks(y, [""] * len(classes))
+        ax2.set_ylim(len(classes) - 0.5, -0.5)
+        ax2.set_xlim(max(0.0, math.floor(min(ce_acc + ws_acc) / 10) * 10 - 10), 100)
+        ax2.set_xlabel("test top-1 of the class (%), last epoch")
+        ax2.set_title(f"per-class test accuracy, CE vs WSLD ({seed_note})")
+        ax2.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=3, fontsize=8)
+        ax2.grid(axis="x", alpha=0.3)
+        fig.suptitle(f"Fashion-MNIST {titles[variant]}: where WSLD puts its weight")
+        fig.tight_layout()
+        path = plots / f"wsld_weights_{variant}.png"
+        _save_figure(fig, path)
+        plt.close(fig)
+        written.append(path)
+
+    # 4. long-tailed: per-class accuracy of every method against the training count
+    if "long-tail" in results:
+        v = results["long-tail"]
+        classes, counts = v["classes"], v["class_counts"]
+        fig, ax = plt.subplots(figsize=(10, 4.8))
+        x = np.arange(len(classes))
+        series = [("teacher", v["teacher"]["per_class_top1"])] + [(l, e["per_class_top1_mean"]) for l, e in v["losses"].items()]
+        width = 0.8 / len(series)
+        for i, (name, acc) in enumerate(series):
+            ax.bar(x + (i - (len(series) - 1) / 2) * width, acc, width, color=LOSS_COLORS[name],
+                   label="teacher" if name == "teacher" else LOSS_NAMES[name])
+        for g, ks in v["groups"].items():
+            ax.axvspan(min(ks) - 0.5, max(ks) + 0.5, color="grey", alpha=0.06 if g == "middle" else 0.0)
+            ax.text((min(ks) + max(ks)) / 2, 101, g, ha="center", va="bottom", fontsize=9)
+        ax.set_xticks(x, [f"{c}\n{n:,}" for c, n in zip(classes, counts)], fontsize=8)
+        ax.set_ylim(0, 108)
+        ax.set_ylabel("test top-1 of the class (%)")
+        ax.set_xlabel("class (training images in the long-tailed split)")
+        ax.set_title(f"Fashion-MNIST long-tailed (ratio 100): per-class test accuracy ({seed_note})", pad=18)
+        ax.legend(loc="lower left", fontsize=8, ncol=4)
+        ax.grid(axis="y", alpha=0.3)
+        path = plots / "long_tail_per_class.png"
+        _save_figure(fig, path)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
