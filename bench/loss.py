@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
 from bench_common import RESULTS, append_result, command_line, machine, now, setup_device, stats  # noqa: E402
-from wsld.losses import DistillLoss  # noqa: E402
+from wsld.losses.registry import DistillLoss  # noqa: E402
 
 LOSS_ARGS = {"wsld": {"T": 2.0, "alpha": 2.5}, "kd": {"T": 4.0, "alpha": 0.9}, "ce": {}}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}

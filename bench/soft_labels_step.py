@@ -34,7 +34,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from wsld.engine import StepContext, amp_dtype_for, set_teacher_bn_mode, train_step  # noqa: E402
-from wsld.losses import DistillLoss  # noqa: E402
+from wsld.losses.registry import DistillLoss  # noqa: E402
 from wsld.models import build_model  # noqa: E402
 from wsld.soft_labels import records_from_logits, records_to_tensors, teacher_logits_fn_for  # noqa: E402
 

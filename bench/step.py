@@ -49,7 +49,7 @@ import torch  # noqa: E402
 from bench_common import RESULTS, append_result, command_line, machine, now, setup_device, stats  # noqa: E402
 from wsld.config import Config  # noqa: E402
 from wsld.engine import StepContext, _autocast, build_optimizer, set_teacher_bn_mode, train_step  # noqa: E402
-from wsld.losses import DistillLoss  # noqa: E402
+from wsld.losses.registry import DistillLoss  # noqa: E402
 from wsld.models import build_model  # noqa: E402
 
 # the reference's ImageNet hyper-parameters for wsld; Hinton's usual ones for kd

@@ -31,7 +31,7 @@ def _refused(tmp_path: Path, teacher_cache: str, *args: str) -> str:
         (["train.epochs=three"], ["train.epochs"]),  # wrong type
         (["distill.alpha=-1"], ["distill.alpha", ">= 0"]),
         (["distill.T=0"], ["distill.T", "> 0"]),
-        (["distill.loss=dkd"], ["distill.loss", "dkd", "wsld"]),
+        (["distill.loss=crd"], ["distill.loss", "crd", "wsld"]),  # not a registered loss
         (["model.student=resnet1800"], ["model.student", "resnet1800"]),
         (["model.teacher=vit_huge_typo"], ["model.teacher", "vit_huge_typo"]),
         (["data.dataset=cifar100"], ["data.dataset", "cifar100", "digits"]),

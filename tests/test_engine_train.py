@@ -15,7 +15,7 @@ from torch import nn
 
 from wsld.config import load_config
 from wsld.engine import Runtime, StepContext, Trainer, lr_factor, set_teacher_bn_mode, train_step
-from wsld.losses import DistillLoss
+from wsld.losses.registry import DistillLoss
 
 
 @pytest.fixture(scope="module")

@@ -1,11 +1,14 @@
-"""The three losses against an independent float64 implementation written from SPEC.md section 1."""
+"""ce, kd and wsld against an independent float64 implementation written from SPEC.md section 1."""
 
 import math
 
 import pytest
 import torch
 
-from wsld.losses import LOSSES, DistillLoss, ce, kd, wsld, wsld_weights
+from wsld.losses.ce import ce
+from wsld.losses.kd import kd
+from wsld.losses.registry import LOSSES, DistillLoss
+from wsld.losses.wsld import wsld, wsld_weights
 
 
 def reference_wsld(s, t, y, T, alpha, ls=0.0):
@@ -99,21 +102,21 @@ def test_weight_carries_no_gradient_and_uses_untempered_logits():
     assert t.grad is None  # the teacher receives no gradient
 
 
-def test_wsld_with_unit_weight_equals_cross_entropy_form_kd(monkeypatch):
-    import wsld.losses as L
-
+def test_wsld_weighting_off_equals_cross_entropy_form_kd():
+    """``weighting: off`` (every w_i = 1) is ``CE + alpha T^2 softCE`` and has the KL form's gradient."""
     g = torch.Generator().manual_seed(3)
     s, t = torch.randn(7, 11, generator=g), torch.randn(7, 11, generator=g)
     y = torch.randint(0, 11, (7,), generator=g)
-    monkeypatch.setattr(L, "wsld_weights", lambda s_, t_, y_: torch.ones(s_.shape[0]))
     T, alpha = 4.0, 2.25
-    loss, _ = L.wsld(s, t, y, T=T, alpha=alpha)
+    loss, parts = wsld(s, t, y, T=T, alpha=alpha, weighting="off")
     soft_ce = -(torch.softmax(t / T, 1) * torch.log_softmax(s / T, 1)).sum(1).mean()
     expected = torch.nn.functional.cross_entropy(s, y) + alpha * T * T * soft_ce
     assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert parts["weight_mean"].item() == 1.0 and torch.equal(parts["sample_weight"], torch.ones(7))
+    assert wsld(s, t, y, T=T, alpha=alpha)[0].item() < loss.item()  # the weights (all < 1) do change it
     # cross-entropy form = KL + teacher entropy: same gradient as KL
     s1 = s.clone().requires_grad_(True)
-    L.wsld(s1, t, y, T=T, alpha=alpha)[0].backward()
+    DistillLoss("wsld", T, alpha, weighting="off")(s1, t, y)[0].backward()
     s2 = s.clone().requires_grad_(True)
     kl = torch.nn.functional.kl_div(torch.log_softmax(s2 / T, 1), torch.softmax(t / T, 1), reduction="batchmean")
     (torch.nn.functional.cross_entropy(s2, y) + alpha * T * T * kl).backward()
@@ -132,11 +135,14 @@ def test_weight_is_zero_when_student_is_perfect_and_near_one_when_far_behind():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("name", sorted(LOSSES))
 def test_losses_finite_for_huge_low_precision_logits(dtype, name):
+    """Every registered loss (dkd and dist too), with its distillation term fully on."""
     g = torch.Generator().manual_seed(0)
     s = ((torch.rand(16, 50, generator=g) * 2 - 1) * 1e4).to(dtype).requires_grad_(True)
     t = ((torch.rand(16, 50, generator=g) * 2 - 1) * 1e4).to(dtype)
     y = torch.randint(0, 50, (16,), generator=g)
-    loss, parts = LOSSES[name](s, t, y, T=2.0, alpha=0.5)
+    m = DistillLoss(name, 2.0, 0.5)
+    m.set_epoch(1e6)  # past any warm-up
+    loss, parts = m(s, t, y)
     loss.backward()
     assert torch.isfinite(loss)
     assert torch.isfinite(s.grad.float()).all()

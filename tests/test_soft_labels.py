@@ -17,7 +17,8 @@ from torchvision.transforms.v2 import functional as F
 from wsld.cli import main
 from wsld.config import load_config
 from wsld.data import build_datasets
-from wsld.losses import kd, wsld
+from wsld.losses.kd import kd
+from wsld.losses.wsld import wsld
 from wsld.data.sampling import sample_seed
 from wsld.soft_labels import (
     COMPLETE_KEY, ReplayDataset, SoftLabelStore, crop_params, image_key, teacher_logits_from_stored,

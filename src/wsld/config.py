@@ -12,6 +12,7 @@ student (``configs/fashion_mnist_wsld.yaml`` spells the same values out).
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -70,12 +71,16 @@ class ModelConfig:
 
 @dataclass
 class DistillConfig:
-    loss: str = "wsld"  # ce | kd | wsld
-    T: float = 4.0
+    loss: str = "wsld"  # ce | kd | wsld | dkd | dist (docs/method.md)
+    T: float = 4.0  # temperature (dist: tau)
     # wsld: weight of the soft term (loss = hard + alpha * soft; reference 2.5 ImageNet, 2.25 CIFAR)
     # kd:   mixing weight in [0, 1] (loss = (1 - alpha) * CE + alpha * T^2 * KL)
+    # dkd:  weight of the target-class term TCKD (0.5 ImageNet, 1 CIFAR); dist: unused
     alpha: float = 2.25
     label_smoothing: float = 0.0  # on the hard term only
+    # the chosen loss's own parameters, e.g. {beta: 8.0, warmup_epochs: 20} for dkd; empty = its
+    # defaults (wsld: weighting; dkd: beta, ce_weight, warmup_epochs; dist: beta, gamma, weight)
+    params: dict[str, Any] = field(default_factory=dict)
     soft_labels: Optional[str] = None  # stored teacher outputs (wsld soft-labels) instead of a teacher
 
 
@@ -206,19 +211,80 @@ def _choice(key: str, value: str, allowed) -> None:
         raise UserError(f"config key '{key}': '{value}' is not one of {', '.join(allowed)}")
 
 
+INT64_MAX = 2**63 - 1  # torch, numpy and the checkpoint all hold integers as int64
+
+
+def _numbers(node: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    """(dotted key, value) of every number in the config tree, list items under their list's key.
+
+    ``distill.params`` is left to the loss registry, which knows each parameter's type.
+    """
+    out: list[tuple[str, Any]] = []
+    for f in dataclasses.fields(node):
+        key, value = f"{prefix}{f.name}", getattr(node, f.name)
+        if dataclasses.is_dataclass(value):
+            out += _numbers(value, key + ".")
+        elif isinstance(value, list):
+            out += [(key, v) for v in value if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            out.append((key, value))
+    return out
+
+
+def _require(key: str, value: Any, ok: bool, rule: str) -> None:
+    if not ok:
+        raise UserError(f"config key '{key}': must be {rule}, got {value}")
+
+
+def _check_numbers(cfg: Config) -> None:
+    """Every number finite and in its range, so a bad value stops the run here, not as a traceback later."""
+    t = cfg.train
+    _require("train.seed", t.seed, 0 <= t.seed <= INT64_MAX, "in [0, 2**63 - 1]")
+    for key, v in _numbers(cfg):
+        if isinstance(v, float):
+            _require(key, v, math.isfinite(v), "a finite number")
+        else:
+            _require(key, v, -INT64_MAX - 1 <= v <= INT64_MAX, "a 64-bit integer")
+    d, tt = cfg.data, cfg.teacher_train
+    at_least_one = [
+        ("data.batch_size", d.batch_size), ("data.image_size", d.image_size), ("data.val_resize", d.val_resize),
+        ("train.epochs", t.epochs), ("train.base_batch_size", t.base_batch_size), ("train.step_size", t.step_size),
+        ("train.eval_every", t.eval_every), ("teacher_train.epochs", tt.epochs),
+    ]  # fmt: skip
+    if d.val_batch_size is not None:
+        at_least_one.append(("data.val_batch_size", d.val_batch_size))
+    for key, value in at_least_one:
+        _require(key, value, value >= 1, ">= 1")
+    for key, value in [
+        ("distill.alpha", cfg.distill.alpha), ("data.workers", d.workers), ("data.crop_padding", d.crop_padding),
+        ("data.color_jitter", d.color_jitter), ("train.lr", t.lr), ("train.weight_decay", t.weight_decay),
+        ("train.warmup_epochs", t.warmup_epochs), ("train.grad_clip", t.grad_clip), ("train.threads", t.threads),
+        ("train.log_every", t.log_every), ("teacher_train.lr", tt.lr), ("teacher_train.weight_decay", tt.weight_decay),
+        ("checkpoint.every_steps", cfg.checkpoint.every_steps),
+    ]:  # fmt: skip
+        _require(key, value, value >= 0, ">= 0")
+    _require("distill.T", cfg.distill.T, cfg.distill.T > 0, "> 0")
+    _require("train.gamma", t.gamma, t.gamma > 0, "> 0")
+    _require("distill.label_smoothing", cfg.distill.label_smoothing, 0 <= cfg.distill.label_smoothing < 1, "in [0, 1)")
+    _require("train.momentum", t.momentum, 0 <= t.momentum < 1, "in [0, 1)")
+    _require("train.ema_decay", t.ema_decay, 0 <= t.ema_decay < 1, "in [0, 1) (0 turns EMA off)")
+    _require("data.min_scale", d.min_scale, 0 < d.min_scale <= 1, "in (0, 1]")
+    _require("data.long_tail_ratio", d.long_tail_ratio, d.long_tail_ratio >= 1, ">= 1 (1 = balanced)")
+    _require("train.milestones", t.milestones, all(m >= 1 for m in t.milestones), "epochs >= 1")
+    for key, v in [("data.mean", d.mean), ("data.std", d.std)]:
+        _require(key, v, v is None or len(v) in (1, 3), "1 or 3 values")
+    _require("data.std", d.std, d.std is None or all(x > 0 for x in d.std), "> 0 (it divides the pixels)")
+
+
 def validate(cfg: Config) -> None:
     """Range and name checks that the type system cannot express."""
-    from wsld.losses import LOSSES
+    from wsld.losses.registry import LOSSES
 
+    _check_numbers(cfg)
     _choice("distill.loss", cfg.distill.loss, LOSSES)
-    if cfg.distill.T <= 0:
-        raise UserError(f"config key 'distill.T': must be > 0, got {cfg.distill.T}")
-    if cfg.distill.alpha < 0:
-        raise UserError(f"config key 'distill.alpha': must be >= 0, got {cfg.distill.alpha}")
     if cfg.distill.loss == "kd" and cfg.distill.alpha > 1:
         raise UserError(f"config key 'distill.alpha': for kd it is a mixing weight in [0, 1], got {cfg.distill.alpha}")
-    if not 0 <= cfg.distill.label_smoothing < 1:
-        raise UserError("config key 'distill.label_smoothing': must be in [0, 1)")
+    cfg.distill.params = LOSSES[cfg.distill.loss].check_params(cfg.distill.params)
     _choice("data.format", cfg.data.format, {"builtin", "folder", "list", "lmdb"})
     _choice("data.on_corrupt", cfg.data.on_corrupt, {"skip", "stop"})
     _choice("model.teacher_bn_mode", cfg.model.teacher_bn_mode, {"eval", "train"})
@@ -229,37 +295,7 @@ def validate(cfg: Config) -> None:
         cfg.train.amp = "off"
     _choice("train.amp", cfg.train.amp, {"auto", "off", "bf16", "fp16"})
     _choice("train.nan_policy", cfg.train.nan_policy, {"stop", "skip"})
-    for key, value in [
-        ("data.batch_size", cfg.data.batch_size),
-        ("train.epochs", cfg.train.epochs),
-        ("train.base_batch_size", cfg.train.base_batch_size),
-        ("train.eval_every", cfg.train.eval_every),
-        ("teacher_train.epochs", cfg.teacher_train.epochs),
-        ("data.image_size", cfg.data.image_size),
-    ]:
-        if value < 1:
-            raise UserError(f"config key '{key}': must be >= 1, got {value}")
-    for key, value in [
-        ("data.workers", cfg.data.workers),
-        ("train.threads", cfg.train.threads),
-        ("train.lr", cfg.train.lr),
-        ("train.weight_decay", cfg.train.weight_decay),
-        ("train.warmup_epochs", cfg.train.warmup_epochs),
-        ("train.grad_clip", cfg.train.grad_clip),
-        ("checkpoint.every_steps", cfg.checkpoint.every_steps),
-    ]:
-        if value < 0:
-            raise UserError(f"config key '{key}': must be >= 0, got {value}")
-    if not 0 <= cfg.train.ema_decay < 1:
-        raise UserError("config key 'train.ema_decay': must be in [0, 1) (0 turns EMA off)")
     _choice("data.train_crop", cfg.data.train_crop, {"resized", "padded"})
-    if cfg.data.crop_padding < 0:
-        raise UserError(f"config key 'data.crop_padding': must be >= 0, got {cfg.data.crop_padding}")
-    if cfg.data.long_tail_ratio < 1:
-        raise UserError("config key 'data.long_tail_ratio': must be >= 1 (1 = balanced)")
-    for key, v in [("data.mean", cfg.data.mean), ("data.std", cfg.data.std)]:
-        if v is not None and len(v) not in (1, 3):
-            raise UserError(f"config key '{key}': give 1 or 3 values, got {len(v)}")
     if cfg.data.format == "builtin":
         from wsld.data.builtin import BUILTIN_DATASETS
 

@@ -36,7 +36,7 @@ from wsld.data import DataInfo, build_datasets
 from wsld.data.datasets import collate_skip_corrupt
 from wsld.data.sampling import ResumableSampler
 from wsld.errors import CheckpointError, UserError
-from wsld.losses import DistillLoss
+from wsld.losses.registry import DistillLoss
 from wsld.models import build_model, check_model_name, load_weights
 
 # keys that may differ between a run's saved config and the config of a resumed run: where the
