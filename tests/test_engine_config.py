@@ -16,7 +16,7 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 EXPECTED = [
     "digits_ce", "digits_kd", "digits_wsld", "fashion_mnist_ce", "fashion_mnist_kd", "fashion_mnist_wsld",
     "imagenet_resnet34_resnet18_ce", "imagenet_resnet34_resnet18_kd", "imagenet_resnet34_resnet18_wsld",
-    "imagenet_resnet50_mobilenetv1_wsld",
+    "imagenet_resnet34_resnet18_dkd", "imagenet_resnet34_resnet18_dist", "imagenet_resnet50_mobilenetv1_wsld",
 ]  # fmt: skip
 
 
@@ -54,6 +54,18 @@ def test_imagenet_wsld_config_is_the_reference_recipe():
     assert [lr_factor(cfg, e) for e in (0, 29.99, 30, 59.9, 60, 90, 99.99)] == pytest.approx([1, 1, 0.1, 0.1, 0.01, 0.001, 0.001])
     mbv1 = _load("imagenet_resnet50_mobilenetv1_wsld")
     assert (mbv1.model.teacher, mbv1.model.student) == ("resnet50", "mobilenet_v1")
+
+
+@pytest.mark.parametrize("name", ["imagenet_resnet34_resnet18_dkd", "imagenet_resnet34_resnet18_dist"])
+def test_imagenet_dkd_and_dist_configs_are_the_published_recipes_on_the_wsld_training_recipe(name):
+    """Same data, models and training as the WSLD config; only distill: differs (SPEC section 6)."""
+    cfg, ref = _load(name), _load("imagenet_resnet34_resnet18_wsld")
+    assert (cfg.data, cfg.model, cfg.train, cfg.checkpoint) == (ref.data, ref.model, ref.train, ref.checkpoint)
+    d = cfg.distill
+    if d.loss == "dkd":
+        assert (d.T, d.alpha, d.params) == (1.0, 0.5, {"beta": 0.5, "ce_weight": 1.0, "warmup_epochs": 1.0})
+    else:
+        assert (d.T, d.params) == (1.0, {"beta": 1.0, "gamma": 1.0, "weight": 2.0})
 
 
 def test_digits_configs_do_not_flip():
