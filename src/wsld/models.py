@@ -1,15 +1,12 @@
-"""Build teacher and student models by name.
-
-Names resolve, in order: the small CNNs registered here for the built-in data (and MobileNetV1,
-the reference's second student, which torchvision lacks), any torchvision classification model,
-and any timm model (``timm/<name>`` or a bare name, when timm is installed). Weights are a
-torchvision enum name (``IMAGENET1K_V1``) or a local file loaded with ``weights_only=True`` /
-safetensors: never plain pickle.
-"""
+"""Build teacher and student models by name: built-in CNNs and CIFAR ResNets, torchvision, timm, or the user's own code."""
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import os
+import re
+import sys
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -78,6 +75,78 @@ class MobileNetV1(nn.Module):
         return self.fc(self.features(x))
 
 
+class BasicBlock(nn.Module):
+    """Two 3x3 conv-BN layers and a shortcut; where the shape changes the shortcut is a strided 1x1
+    conv + BN (CRD's models, so resnet8x4's 32 -> 64 stem-to-stage step has one too)."""
+
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class CifarResNet(nn.Module):
+    """CIFAR ResNet (He et al. 2016, section 4.2): 3x3 stem, three stages of ``(depth - 2) / 6``
+    BasicBlocks at widths 16k/32k/64k (strides 1, 2, 2), global average pool, linear head.
+
+    The stem is ``max(16, 8k)`` wide: 16 for the paper's nets, 32 for CRD's ``resnet8x4`` /
+    ``resnet32x4`` (k = 4), whose parameter counts this reproduces. ``stem_stride=2`` quarters the
+    cost on small inputs (28x28 -> 14x14 before the first stage).
+    """
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 3, depth: int = 20, width: int = 1, stem_stride: int = 1):
+        super().__init__()
+        if depth < 8 or (depth - 2) % 6 or width < 1:
+            raise ValueError(f"CIFAR ResNet needs depth 6n+2 >= 8 and width >= 1, got depth {depth}, width {width}")
+        n, stem = (depth - 2) // 6, max(16, 8 * width)
+        layers: list[nn.Module] = [
+            nn.Conv2d(in_channels, stem, 3, stem_stride, 1, bias=False), nn.BatchNorm2d(stem), nn.ReLU(inplace=True)
+        ]
+        cin = stem
+        for cout, stride in ((16 * width, 1), (32 * width, 2), (64 * width, 2)):
+            for i in range(n):
+                layers.append(BasicBlock(cin, cout, stride if i == 0 else 1))
+                cin = cout
+        self.features = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.fc = nn.Linear(cin, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):  # He et al. 2015 init, as the paper's CIFAR nets
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.features(x))
+
+
+CIFAR_RESNET_PATTERN = re.compile(r"cifar_resnet(\d+)(?:x(\d+))?(_s2)?")
+CIFAR_RESNET_NAMES = "cifar_resnet<depth 6n+2>[x<k>][_s2] (cifar_resnet8/14/20/32/44/56/110, cifar_resnet8x4, cifar_resnet32x4)"
+
+
+def _cifar_resnet_args(name: str, key: str) -> Optional[dict[str, int]]:
+    """CifarResNet's arguments for a ``cifar_resnet...`` name, None for other names; UserError for a bad depth."""
+    m = CIFAR_RESNET_PATTERN.fullmatch(name)
+    if m is None:
+        return None
+    depth, width = int(m[1]), int(m[2] or 1)
+    if depth < 8 or (depth - 2) % 6:
+        near = max(8, (depth - 2) // 6 * 6 + 2)
+        raise UserError(
+            f"config key '{key}': '{name}' has depth {depth}, a CIFAR ResNet's depth is 6n+2 "
+            f"(8, 14, 20, 32, 44, 56, 110, ...): e.g. cifar_resnet{near}"
+        )
+    if width < 1:
+        raise UserError(f"config key '{key}': '{name}' has width x{width}; give x1 or more (cifar_resnet8x4)")
+    return {"depth": depth, "width": width, "stem_stride": 2 if m[3] else 1}
+
+
 LOCAL_MODELS: dict[str, Callable[..., nn.Module]] = {
     "cnn_teacher": CNNTeacher,
     "cnn_student": CNNStudent,
@@ -105,22 +174,100 @@ def _first_line(e: BaseException) -> str:
     return (text.splitlines()[0] if text else type(e).__name__)[:200]
 
 
-def check_model_name(name: str, key: str) -> str:
-    """Which family ``name`` belongs to (``local``, ``torchvision``, ``timm``); UserError if none.
+def _accepts(fn: Callable[..., nn.Module], param: str) -> Optional[bool]:
+    """Whether ``fn`` takes keyword ``param`` (or ``**kwargs``); None where no signature can be read."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    return any((p.name == param and p.kind != p.POSITIONAL_ONLY) or p.kind == p.VAR_KEYWORD for p in params)
 
+
+def user_model_callable(name: str, key: str) -> Callable[..., nn.Module]:
+    """The callable behind ``package.module:callable``, imported but not called (cheap: no model is built).
+
+    The current directory is appended to ``sys.path`` (a console script has only its own directory
+    there), so a ``mymodels.py`` where wsld runs is found; appended, not prepended, so a file there
+    cannot shadow a library imported later (an installed module of the same name wins; the error
+    for a missing callable names the file that was imported).
+    """
+    module_name, _, attr = name.partition(":")
+    if not module_name or not attr:
+        raise UserError(f"config key '{key}': '{name}' is not of the form package.module:callable (e.g. mymodels:tiny_net)")
+    cwd = os.getcwd()
+    if cwd not in sys.path:
+        sys.path.append(cwd)
+    where = f"in the current directory ({cwd}) or on PYTHONPATH"
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name and (module_name == e.name or module_name.startswith(e.name + ".")):
+            raise UserError(f"config key '{key}': no module '{module_name}' for '{name}': put it {where}") from None
+        raise UserError(f"config key '{key}': importing '{module_name}' failed: {_first_line(e)} (install it)") from None
+    except Exception as e:  # the user's module itself fails: a syntax error, an exception at import
+        raise UserError(f"config key '{key}': importing '{module_name}' failed ({type(e).__name__}: {_first_line(e)})") from None
+    fn = module
+    for part in attr.split("."):
+        if not hasattr(fn, part):
+            raise UserError(f"config key '{key}': module '{module_name}' ({getattr(module, '__file__', '?')}) has no '{attr}'")
+        fn = getattr(fn, part)
+    if not callable(fn):
+        raise UserError(
+            f"config key '{key}': '{name}' is not callable (it is {type(fn).__name__}); name a function or class returning an nn.Module"
+        )
+    if _accepts(fn, "num_classes") is False:
+        raise UserError(
+            f"config key '{key}': '{name}' takes no num_classes argument; define it as {attr}(num_classes) returning an nn.Module"
+        )
+    return fn
+
+
+def _user_model(name: str, num_classes: int, in_channels: int, key: str) -> nn.Module:
+    """Call the user's callable with ``num_classes=`` (and ``in_channels=`` where it takes that keyword)."""
+    fn = user_model_callable(name, key)
+    kwargs = {"num_classes": num_classes}
+    if _accepts(fn, "in_channels"):
+        kwargs["in_channels"] = in_channels
+    call = f"{name.partition(':')[2]}({', '.join(f'{k}={v}' for k, v in kwargs.items())})"
+    try:
+        model = fn(**kwargs)
+    except Exception as e:
+        raise UserError(f"config key '{key}': {call} from '{name}' raised {type(e).__name__}: {_first_line(e)}") from None
+    if not isinstance(model, nn.Module):
+        raise UserError(f"config key '{key}': {call} from '{name}' returned {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def check_model_name(name: str, key: str) -> str:
+    """Which family ``name`` belongs to; UserError if none.
+
+    In order: ``user`` (``package.module:callable``), ``local`` (the small CNNs for the built-in
+    data, the CIFAR ResNets, MobileNetV1 which torchvision lacks), ``torchvision`` (any
+    classification model), ``timm`` (``timm/<name>`` or a bare timm name, when timm is installed).
     Cheap (no model is built), so a typo stops a run before a teacher is trained or data is read.
     """
-    if name in LOCAL_MODELS:
+    if ":" in name and not name.startswith("timm/"):
+        user_model_callable(name, key)
+        return "user"
+    if name in LOCAL_MODELS or _cifar_resnet_args(name, key) is not None:
         return "local"
     if name in _torchvision_names():
         return "torchvision"
     timm = _timm()
     if timm is not None and (name.startswith("timm/") or name in timm.list_models()):
         return "timm"
-    hint = "" if timm is not None else " (timm models need: pip install 'wsld[timm]')"
+    try:
+        crd_name = _cifar_resnet_args(f"cifar_{name}", key) is not None  # CRD's resnet20, resnet8x4, ...
+    except UserError:
+        crd_name = False
+    if crd_name:
+        hint = f"; did you mean cifar_{name}, the CIFAR ResNet?"
+    else:
+        hint = "" if timm is not None else " (timm models need: pip install 'wsld[timm]')"
     raise UserError(
-        f"config key '{key}': unknown model '{name}': use one of {', '.join(LOCAL_MODELS)}, a torchvision "
-        f"classification model name (resnet18, resnet34, ...) or a timm model name{hint}"
+        f"config key '{key}': unknown model '{name}': use one of {', '.join(LOCAL_MODELS)}, {CIFAR_RESNET_NAMES}, "
+        f"a torchvision classification model name (resnet18, resnet34, ...), a timm model name or your own "
+        f"package.module:callable{hint}"
     )
 
 
@@ -164,12 +311,17 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in obj.items()}
 
 
-def classifier_head(model: nn.Module) -> tuple[str, nn.Linear]:
-    """The last Linear layer: the classifier for torchvision, timm and our models."""
+def _last_linear(model: nn.Module) -> Optional[tuple[str, nn.Linear]]:
     found = None
     for name, mod in model.named_modules():
         if isinstance(mod, nn.Linear):
             found = (name, mod)
+    return found
+
+
+def classifier_head(model: nn.Module) -> tuple[str, nn.Linear]:
+    """The last Linear layer: the classifier for torchvision, timm and our models."""
+    found = _last_linear(model)
     if found is None:
         raise UserError(f"{type(model).__name__} has no Linear classifier head to replace")
     return found
@@ -249,10 +401,16 @@ def build_model(
     weight_file = weights if weights and is_weight_file(weights) else None
     enum_name = weights if weights and not weight_file else None
     state = load_state_dict_file(weight_file) if weight_file else None
-    if family == "local":
-        if enum_name:
-            raise UserError(f"config key '{key}_weights': '{name}' has no pretrained weights by name ('{enum_name}'); give a weight file")
-        model = LOCAL_MODELS[name](num_classes=num_classes, in_channels=in_channels)
+    if family in ("local", "user") and enum_name:
+        raise UserError(f"config key '{key}_weights': '{name}' has no pretrained weights by name ('{enum_name}'); give a weight file")
+    if family == "user":
+        model = _user_model(name, num_classes, in_channels, key)
+    elif family == "local":
+        cifar = _cifar_resnet_args(name, key)
+        if cifar is not None:
+            model = CifarResNet(num_classes=num_classes, in_channels=in_channels, **cifar)
+        else:
+            model = LOCAL_MODELS[name](num_classes=num_classes, in_channels=in_channels)
     elif family == "torchvision":
         if in_channels != 3:
             raise UserError(f"config key '{key}': torchvision model '{name}' expects 3-channel images, the data has {in_channels}")
@@ -267,6 +425,10 @@ def build_model(
                 model = timm.create_model(tname, pretrained=False, num_classes=num_classes, in_chans=in_channels)
         except Exception as e:
             raise UserError(f"config key '{key}': could not build timm model '{tname}' ({_first_line(e)[:160]})") from None
+    if family == "user" and _last_linear(model) is None:  # e.g. a 1x1-conv head: trust its num_classes
+        if state is not None:
+            load_weights(model, state, str(weight_file), name)
+        return model
     if state is not None:
         head_name, head = classifier_head(model)
         file_head = state.get(f"{head_name}.weight")
@@ -289,3 +451,22 @@ def build_model(
             )
         replace_head(model, num_classes)
     return model
+
+
+def architecture_fingerprint(name: str, key: str = "model.teacher") -> list[list]:
+    """Parameter and buffer names and shapes of model ``name``, so a cached teacher is not reused
+    after its architecture changed.
+
+    Built on the meta device (no memory, no init cost); a user's model that cannot be built there
+    (its code reads tensor values, say) is built on the CPU instead.
+    """
+    family = check_model_name(name, key)
+    in_channels, role = (1 if family == "local" else 3), key.rpartition(".")[2]
+    try:
+        with torch.device("meta"):
+            model = build_model(name, 1, in_channels=in_channels, role=role)
+    except UserError:
+        if family != "user":
+            raise
+        model = build_model(name, 1, in_channels=in_channels, role=role)
+    return [[k, list(v.shape)] for k, v in model.state_dict().items()]
