@@ -121,8 +121,8 @@ def test_epoch_reaches_only_functions_that_declare_it(monkeypatch):
     def without(s, t, y, *, alpha):
         return s.sum() * alpha, {}
 
-    monkeypatch.setitem(LOSSES, "probe_e", LossSpec("probe_e", with_epoch, needs_teacher=False, summary="", parts=()))
-    monkeypatch.setitem(LOSSES, "probe_a", LossSpec("probe_a", without, needs_teacher=False, summary="", parts=()))
+    monkeypatch.setitem(LOSSES, "probe_e", LossSpec("probe_e", with_epoch, needs_teacher=False, parts=()))
+    monkeypatch.setitem(LOSSES, "probe_a", LossSpec("probe_a", without, needs_teacher=False, parts=()))
     m = DistillLoss("probe_e", T=3.0)
     m(torch.ones(1, 2), None, torch.zeros(1, dtype=torch.long))
     m.set_epoch(2.5)
@@ -138,9 +138,9 @@ def test_a_spec_that_disagrees_with_its_function_fails_at_definition():
         return s.sum(), {}
 
     with pytest.raises(TypeError, match="beta"):
-        LossSpec("x", fn, needs_teacher=True, summary="", parts=(), params=(Param("beta", 1.0, "m", low=0.0),))
+        LossSpec("x", fn, needs_teacher=True, parts=(), params=(Param("beta", 1.0, "m", low=0.0),))
     with pytest.raises(TypeError, match="gamma"):
-        LossSpec("x", fn, needs_teacher=True, summary="", parts=(), params=(Param("gamma", 1.0, "m"),))
+        LossSpec("x", fn, needs_teacher=True, parts=(), params=(Param("gamma", 1.0, "m"),))
 
 
 def test_importing_one_loss_imports_no_other():

@@ -87,7 +87,6 @@ class LossSpec:
     name: str
     fn: LossFn
     needs_teacher: bool
-    summary: str  # one line, for docs and --help
     parts: tuple[str, ...]  # names of the 0-dim parts the engine logs
     params: tuple[Param, ...] = ()
     per_sample_weight: bool = False  # parts also hold a 1-dim ``sample_weight``
@@ -133,27 +132,21 @@ class LossSpec:
 LOSSES: dict[str, LossSpec] = {
     s.name: s
     for s in (
-        LossSpec("ce", ce, needs_teacher=False, summary="cross-entropy on the labels alone (no teacher)",
-                 parts=("hard", "soft", "weight_mean")),
-        LossSpec("kd", kd, needs_teacher=True, summary="Hinton KD: (1 - alpha) CE + alpha T^2 KL",
-                 parts=("hard", "soft", "weight_mean")),
-        LossSpec("wsld", wsld, needs_teacher=True, summary="Weighted Soft Label Distillation (Zhou et al., ICLR 2021)",
-                 parts=("hard", "soft", "weight_mean"), per_sample_weight=True, params=(
-                     Param("weighting", "on", "on: the per-sample weight w_i; off: every w_i = 1 (ablation)",
-                           choices=("on", "off")),
-                 )),
-        LossSpec("dkd", dkd, needs_teacher=True, summary="Decoupled KD (Zhao et al., CVPR 2022); alpha weighs TCKD",
-                 parts=("hard", "tckd", "nckd"), params=(
-                     Param("beta", 8.0, "weight of the non-target term NCKD", low=0.0),
-                     Param("ce_weight", 1.0, "weight of the cross-entropy term", low=0.0),
-                     Param("warmup_epochs", 20.0, "epochs over which the TCKD + NCKD term ramps up from 0", low=0.0),
-                 )),
-        LossSpec("dist", dist, needs_teacher=True, summary="DIST, Pearson-correlation relations (Huang et al., NeurIPS 2022)",
-                 parts=("hard", "inter", "intra"), params=(
-                     Param("beta", 1.0, "weight of the inter-class (per-sample) relation term", low=0.0),
-                     Param("gamma", 1.0, "weight of the intra-class (per-class, over the batch) relation term", low=0.0),
-                     Param("weight", 2.0, "weight of the whole relation term against CE", low=0.0),
-                 )),
+        LossSpec("ce", ce, needs_teacher=False, parts=("hard", "soft", "weight_mean")),
+        LossSpec("kd", kd, needs_teacher=True, parts=("hard", "soft", "weight_mean")),
+        LossSpec("wsld", wsld, needs_teacher=True, parts=("hard", "soft", "weight_mean"), per_sample_weight=True, params=(
+            Param("weighting", "on", "on: the per-sample weight w_i; off: every w_i = 1 (ablation)", choices=("on", "off")),
+        )),
+        LossSpec("dkd", dkd, needs_teacher=True, parts=("hard", "tckd", "nckd"), params=(
+            Param("beta", 8.0, "weight of the non-target term NCKD", low=0.0),
+            Param("ce_weight", 1.0, "weight of the cross-entropy term", low=0.0),
+            Param("warmup_epochs", 20.0, "epochs over which the TCKD + NCKD term ramps up from 0", low=0.0),
+        )),
+        LossSpec("dist", dist, needs_teacher=True, parts=("hard", "inter", "intra"), params=(
+            Param("beta", 1.0, "weight of the inter-class (per-sample) relation term", low=0.0),
+            Param("gamma", 1.0, "weight of the intra-class (per-class, over the batch) relation term", low=0.0),
+            Param("weight", 2.0, "weight of the whole relation term against CE", low=0.0),
+        )),
     )
 }  # fmt: skip
 
