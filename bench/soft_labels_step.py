@@ -5,8 +5,9 @@ In one process, on one batch of random images, median over ``--iters`` timed ste
 
 - ``online``: the WSLD step as ``wsld train`` runs it: teacher forward (no grad) + student step;
 - ``cached``: the WSLD step with ``distill.soft_labels``: no teacher; the teacher's logits are
-  rebuilt from the batch's stored top-k records (``teacher_logits_fn_for``, the engine's hook),
-  which arrive as the tensors ``collate_replay`` makes (pinned when on CUDA);
+  rebuilt from the batch's stored top-k records (``logits_from_records``, what
+  ``StoredTeacher.logits`` runs), which arrive as the tensors ``collate_replay`` makes (pinned
+  when on CUDA);
 - ``student CE``: the student step alone (the floor for any distillation step);
 - ``records -> tensors``: the loader-side cost of turning a batch of stored records into those
   tensors (done in DataLoader workers during training, so overlapped with the step).
@@ -33,10 +34,13 @@ sys.path.insert(0, str(REPO / "src"))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from wsld.engine import StepContext, amp_dtype_for, set_teacher_bn_mode, train_step  # noqa: E402
+from wsld.engine.step import StepContext, train_step  # noqa: E402
+from wsld.runtime import amp_dtype_for  # noqa: E402
+from wsld.teachers.live import set_teacher_bn_mode  # noqa: E402
 from wsld.losses.registry import DistillLoss  # noqa: E402
 from wsld.models import build_model  # noqa: E402
-from wsld.soft_labels import records_from_logits, records_to_tensors, teacher_logits_fn_for  # noqa: E402
+from wsld.data.batch import Batch  # noqa: E402
+from wsld.soft_labels.store import logits_from_records, records_from_logits, records_to_tensors  # noqa: E402
 
 
 def _sync(dev: torch.device) -> None:
@@ -55,6 +59,16 @@ def time_it(fn, iters: int, warmup: int, dev: torch.device) -> list[float]:
         _sync(dev)
         out.append(time.perf_counter() - t)
     return out
+
+
+class RecordsTeacher:
+    """The logits half of ``wsld.teachers.stored.StoredTeacher``, for the batch made here (no store on disk)."""
+
+    def __init__(self, num_classes: int):
+        self.num_classes = num_classes
+
+    def logits(self, images: torch.Tensor, batch: Batch) -> torch.Tensor:
+        return logits_from_records(batch.teacher_records, batch.targets, self.num_classes, images.device)
 
 
 def main(argv=None) -> int:
@@ -100,18 +114,15 @@ def main(argv=None) -> int:
     raw = [recs[i : i + 1].tobytes() for i in range(bs)]  # one LMDB value each, as workers read them
 
     def to_tensors():
-        batch = np.concatenate([np.frombuffer(r, dtype=recs.dtype) for r in raw])
-        extra = records_to_tensors(batch)
-        extra["target"] = y.cpu()
-        return extra
+        return records_to_tensors(np.concatenate([np.frombuffer(r, dtype=recs.dtype) for r in raw]))
 
-    extra = to_tensors()
+    extra, y_cpu = to_tensors(), y.cpu()
     if cuda:
-        extra = {kk: v.pin_memory() for kk, v in extra.items()}
+        extra, y_cpu = {kk: v.pin_memory() for kk, v in extra.items()}, y_cpu.pin_memory()
+    batch = Batch(None, y_cpu, [], teacher_records=extra)
 
     online = StepContext(student=student, teacher=teacher, loss_fn=loss, optimizer=opt, amp_dtype=amp)
-    cached = StepContext(student=student, teacher=None, loss_fn=loss, optimizer=opt, amp_dtype=amp,
-                         teacher_logits_fn=teacher_logits_fn_for(args.classes))  # fmt: skip
+    cached = StepContext(student=student, teacher=RecordsTeacher(args.classes), loss_fn=loss, optimizer=opt, amp_dtype=amp)
     ce_only = StepContext(student=student, teacher=None, loss_fn=DistillLoss("ce"), optimizer=opt, amp_dtype=amp)
 
     times = {}
@@ -122,7 +133,7 @@ def main(argv=None) -> int:
         times[name] = []
     for r in range(rounds):
         times["online"] += time_it(lambda: train_step(online, x, y), per, args.warmup if r == 0 else 1, dev)
-        times["cached"] += time_it(lambda: train_step(cached, x, y, extra), per, args.warmup if r == 0 else 1, dev)
+        times["cached"] += time_it(lambda: train_step(cached, x, y, batch), per, args.warmup if r == 0 else 1, dev)
         times["student CE"] += time_it(lambda: train_step(ce_only, x, y), per, args.warmup if r == 0 else 1, dev)
     times["records -> tensors"] = time_it(to_tensors, max(5, args.iters), 2, torch.device("cpu"))
 

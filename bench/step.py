@@ -48,7 +48,10 @@ import torch  # noqa: E402
 
 from bench_common import RESULTS, append_result, command_line, machine, now, setup_device, stats  # noqa: E402
 from wsld.config import Config  # noqa: E402
-from wsld.engine import StepContext, _autocast, build_optimizer, set_teacher_bn_mode, train_step  # noqa: E402
+from wsld.engine.optim import build_optimizer  # noqa: E402
+from wsld.engine.step import StepContext, train_step  # noqa: E402
+from wsld.runtime import autocast  # noqa: E402
+from wsld.teachers.live import set_teacher_bn_mode  # noqa: E402
 from wsld.losses.registry import DistillLoss  # noqa: E402
 from wsld.models import build_model  # noqa: E402
 
@@ -113,7 +116,7 @@ def measure_config(args, conf: dict, dev: torch.device) -> dict:
         return run
 
     def teacher_inference() -> None:
-        with torch.no_grad(), _autocast(dev, amp):
+        with torch.no_grad(), autocast(dev, amp):
             run_teacher(x)
 
     variants: dict[str, Callable[[], None]] = {A: stepper(ctx("ce", False)), B: teacher_inference}
@@ -126,7 +129,7 @@ def measure_config(args, conf: dict, dev: torch.device) -> dict:
         # records, handed over as the tensors the replay collate makes (docs/soft_labels.md)
         from wsld.soft_labels import records_from_logits, records_to_tensors, teacher_logits_fn_for
 
-        with torch.no_grad(), _autocast(dev, amp):
+        with torch.no_grad(), autocast(dev, amp):
             z = run_teacher(x).float()
         extra = records_to_tensors(records_from_logits(z, y, min(args.soft_labels_topk, args.classes)))
         extra["target"] = y.cpu()

@@ -37,7 +37,8 @@ TIMING_FIELDS = ("time", "img_per_s", "data_wait_frac", "run_dir")
 def digits_teacher(tmp_path_factory) -> str:
     """A cnn_teacher trained for two epochs on digits (about 87% top-1) (through the engine's own teacher training)."""
     from wsld.config import load_config
-    from wsld.engine import Runtime, ensure_teacher
+    from wsld.runtime import Runtime
+    from wsld.teachers.training import ensure_teacher
 
     cache = tmp_path_factory.mktemp("engine_teacher_cache")
     cfg = load_config(None, TINY + [f"model.teacher_cache={cache}"])

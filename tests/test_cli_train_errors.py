@@ -10,7 +10,8 @@ import torch
 from engine_helpers import TINY, digits_teacher, one_error_line, run_cli  # noqa: F401
 
 from wsld.config import load_config
-from wsld.engine import Runtime, Trainer
+from wsld.run import build_trainer
+from wsld.runtime import Runtime
 from wsld.errors import UserError
 
 
@@ -106,7 +107,7 @@ def test_empty_split(tmp_path, teacher_cache):
 
 def test_batch_not_divisible_by_the_number_of_processes(tmp_path):
     cfg = load_config(None, TINY + ["data.batch_size=127", f"model.teacher_cache={tmp_path / 'c'}"])
-    trainer = Trainer(cfg, tmp_path / "run", Runtime(torch.device("cpu"), rank=0, world_size=2))
+    trainer = build_trainer(cfg, tmp_path / "run", Runtime(torch.device("cpu"), rank=0, world_size=2))
     with pytest.raises(UserError, match="127 is not divisible by the 2 processes"):
         trainer.fit()  # refused before any collective call or file
     assert not (tmp_path / "run").exists()

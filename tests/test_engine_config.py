@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from wsld.config import load_config
-from wsld.engine import build_optimizer, effective_lr, lr_factor
+from wsld.engine.optim import build_optimizer, effective_lr, lr_factor
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 EXPECTED = [

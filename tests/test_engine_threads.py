@@ -3,7 +3,7 @@
 import torch
 
 from wsld.config import load_config
-from wsld.engine import Runtime, cpu_threads
+from wsld.runtime import Runtime, cpu_threads
 
 
 def test_auto_threads_share_the_cores_among_the_processes(monkeypatch):

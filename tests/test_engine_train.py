@@ -14,7 +14,11 @@ from engine_helpers import TINY, digits_teacher, load_ck, one_error_line, record
 from torch import nn
 
 from wsld.config import load_config
-from wsld.engine import Runtime, StepContext, Trainer, lr_factor, set_teacher_bn_mode, train_step
+from wsld.engine.optim import lr_factor
+from wsld.engine.step import StepContext, train_step
+from wsld.run import build_trainer
+from wsld.runtime import Runtime
+from wsld.teachers.live import set_teacher_bn_mode
 from wsld.losses.registry import DistillLoss
 
 
@@ -126,14 +130,14 @@ def test_training_options_reach_the_step(digits_teacher, tmp_path):  # noqa: F81
         "train.wd_norm_bias=false", "train.warmup_epochs=0.5", "train.schedule=step", "train.step_size=1",
         "model.teacher_bn_mode=train", "train.epochs=1",
     ])  # fmt: skip
-    trainer = Trainer(cfg, tmp_path / "run", Runtime(torch.device("cpu")))
+    trainer = build_trainer(cfg, tmp_path / "run", Runtime(torch.device("cpu")))
     summary = trainer.fit()
     assert trainer.amp_dtype == torch.bfloat16 and trainer.scaler is None  # GradScaler is for fp16 on CUDA only
     assert trainer.ctx.grad_clip == 1.0 and trainer.loss.label_smoothing == 0.1
     assert [g["weight_decay"] for g in trainer.optimizer.param_groups] == [cfg.train.weight_decay, 0.0]
     assert trainer.student.features[0].weight.is_contiguous(memory_format=torch.channels_last)
-    bns = [m for m in trainer.teacher.modules() if isinstance(m, nn.BatchNorm2d)]
-    assert bns and all(m.training for m in bns) and not trainer.teacher.training
+    bns = [m for m in trainer.teacher.model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert bns and all(m.training for m in bns) and not trainer.teacher.model.training
     assert np.isfinite(summary["last_top1"]) and summary["teacher_bn_mode"] == "train"
     start = records(tmp_path / "run")[0]
     assert start["teacher_bn_mode"] == "train" and start["amp"] == "torch.bfloat16" and start["channels_last"] is True

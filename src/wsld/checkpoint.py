@@ -1,9 +1,11 @@
-"""Atomic, self-contained checkpoints.
+"""The checkpoint schema: what a wsld checkpoint holds, the one writer and the one reader (format tag and CRCs checked).
 
 A checkpoint is one torch file readable with ``torch.load(weights_only=True)``: only tensors,
 numbers, strings, lists, tuples and dicts. It is written to a temporary file in the same folder,
-flushed and fsynced, then renamed over the final name, so a crash at any moment leaves either the
-previous file or the new one, never a half-written file under a final name.
+flushed and fsynced, then renamed over the final name (``wsld.files``), so a crash at any moment
+leaves either the previous file or the new one, never a half-written file under a final name.
+Reading checks the zip CRC of every member (a flipped bit is refused, not trained on) and the
+format tag (a file of another format or of a newer wsld is refused with one line).
 """
 
 from __future__ import annotations
@@ -12,71 +14,45 @@ import glob
 import io
 import os
 import random
-import tempfile
-import time
+import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from wsld.errors import CheckpointError
+from wsld.files import atomic_write_bytes, atomic_write_text  # noqa: F401  (atomic_write_text: old import path, until every caller uses wsld.files)
 
+FORMAT_NAME = "wsld-checkpoint"
+FORMAT_VERSION = 1  # the schema below; readers accept 1..FORMAT_VERSION
+FORMAT = f"{FORMAT_NAME}-{FORMAT_VERSION}"
 
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: str | Path, data: bytes, *, pause_s: float = 0.0) -> None:
-    """Write ``data`` to ``path`` via temp file + fsync + rename.
-
-    ``pause_s`` (tests only) sleeps with half of the data written to the temp file, so a test
-    can kill the process in the middle of a write.
-    """
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            if pause_s > 0:
-                half = len(data) // 2
-                f.write(data[:half])
-                f.flush()
-                os.fsync(f.fileno())
-                time.sleep(pause_s)
-                data = data[half:]
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    _fsync_dir(path.parent)
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
-
+# What a training checkpoint holds (the trainer fills every key; readers use .get for the optional ones):
+#   format                 FORMAT
+#   student                student state dict (CPU tensors, no DDP/compile prefixes)
+#   student_arch           model.student name; num_classes; classes (class names in label order)
+#   optimizer, scheduler, scaler   their state dicts (scaler None without fp16)
+#   ema, ema_n_averaged    EMA state dict or None
+#   epoch, step_in_epoch, global_step   where training continues (step_in_epoch > 0: mid-epoch)
+#   epoch_stats            per-rank running sums of a partial epoch, or None
+#   best_top1, best_epoch, teacher_eval, skipped_steps, corrupt_count, metrics_lines, world_size
+#   rng                    per-rank RNG states (rng_state())
+#   config                 the run's resolved config as a dict
+CHECKPOINT_KEYS = (
+    "format", "student", "student_arch", "num_classes", "classes", "optimizer", "scheduler", "scaler", "ema",
+    "ema_n_averaged", "epoch", "step_in_epoch", "global_step", "epoch_stats", "best_top1", "best_epoch",
+    "teacher_eval", "skipped_steps", "corrupt_count", "metrics_lines", "world_size", "rng", "config",
+)  # fmt: skip
 
 # test hook: WSLD_TEST_SLOW_SAVE=<seconds> pauses every checkpoint write half-way (tests/test_reliability_*)
 SLOW_SAVE_ENV = "WSLD_TEST_SLOW_SAVE"
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
-    """Write ``state`` atomically; temp files of this name left by a killed earlier write go first
-    (one process writes a run's checkpoints, so any such file is stale)."""
+    """Write ``state`` (tagged with ``FORMAT``) atomically; temp files of this name left by a killed
+    earlier write go first (one process writes a run's checkpoints, so any such file is stale)."""
     path = Path(path)
     for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
         try:
@@ -84,7 +60,7 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
         except OSError:
             pass
     buf = io.BytesIO()
-    torch.save(state, buf)
+    torch.save({**state, "format": FORMAT}, buf)
     try:
         atomic_write_bytes(path, buf.getvalue(), pause_s=float(os.environ.get(SLOW_SAVE_ENV) or 0))
     except OSError as e:  # disk filled up or went away during the run: the previous file is intact
@@ -95,19 +71,111 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
         ) from None
 
 
+def save_weights(state: dict[str, Tensor], path: str | Path) -> None:
+    """Weights only, as safetensors, atomically (the teacher cache's ``teacher.safetensors``)."""
+    from safetensors.torch import save
+
+    atomic_write_bytes(path, save({k: v.detach().cpu().contiguous() for k, v in state.items()}))
+
+
+def _first_line(e: BaseException) -> str:
+    return ((str(e).strip().splitlines() or [type(e).__name__])[0])[:200]
+
+
+def damaged_member(path: Path) -> Optional[str]:
+    """The first zip member whose CRC does not match (None: all intact, or not a zip file)."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            return z.testzip()
+    except zipfile.BadZipFile:
+        return "the zip directory"
+    except (OSError, EOFError, ValueError, RuntimeError) as e:  # truncated inside a member
+        return f"a truncated member ({_first_line(e)})"
+
+
+def _torch_load(p: Path) -> Any:
+    """``torch.load(weights_only=True)`` after the CRC check, errors as one line."""
+    bad = damaged_member(p) if zipfile.is_zipfile(p) else None
+    if bad is not None:
+        hint = ""
+        best = p.with_name("best.pt")
+        if p.name == "last.pt" and best.is_file() and zipfile.is_zipfile(best) and damaged_member(best) is None:
+            hint = f"; {best} is intact: evaluate or export it, or copy it over {p.name} to resume from it"
+        raise CheckpointError(f"{p} is damaged (CRC mismatch in {bad}): refused{hint}")
+    try:
+        return torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{p} is not a loadable wsld checkpoint ({_first_line(e)})") from None
+
+
+def check_format(obj: dict[str, Any], p: Path) -> None:
+    """Refuse a file of another format or a newer version with one line naming both."""
+    tag = obj.get("format")
+    prefix = f"{FORMAT_NAME}-"
+    if not isinstance(tag, str) or not tag.startswith(prefix) or not tag[len(prefix):].isdigit():
+        found = f"'{tag}'" if tag is not None else "no format tag"
+        raise CheckpointError(f"{p}: format {found} found, expected {FORMAT} (not a wsld checkpoint)")
+    version = int(tag[len(prefix):])
+    if not 1 <= version <= FORMAT_VERSION:
+        raise CheckpointError(
+            f"{p}: format '{tag}' found, this wsld reads {FORMAT_NAME}-1 to {FORMAT}: "
+            "use the wsld version that wrote it (or a newer one)"
+        )
+
+
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a wsld checkpoint safely (``weights_only=True``: a pickle carrying code is refused)."""
+    """Load a wsld checkpoint safely (``weights_only=True``: a pickle carrying code is refused),
+    its CRCs and format tag checked."""
     p = Path(path)
     if not p.is_file():
         raise CheckpointError(f"checkpoint not found: {p}")
-    try:
-        obj = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise CheckpointError(f"{p} is not a loadable wsld checkpoint ({first[:200]})") from None
+    obj = _torch_load(p)
     if not isinstance(obj, dict) or "student" not in obj:
         raise CheckpointError(f"{p} is not a wsld checkpoint (no 'student' entry)")
+    check_format(obj, p)
     return obj
+
+
+def student_state(ck: dict[str, Any], path: str | Path, ema: bool = False) -> dict[str, Tensor]:
+    """The student's (or its EMA's) state dict from a loaded checkpoint, prefixes removed."""
+    if ema:
+        if ck.get("ema") is None:
+            raise CheckpointError(f"{path} holds no EMA weights (train.ema_decay was 0)")
+        return {k.removeprefix("module."): v for k, v in ck["ema"].items() if k != "n_averaged"}
+    return ck["student"]
+
+
+def read_weights(path: str | Path) -> dict[str, Tensor]:
+    """A state dict from a local file: safetensors, a bare torch state dict, or a wsld checkpoint
+    (its ``student``), read with ``weights_only=True``; a wsld checkpoint's CRCs and format are checked."""
+    p = Path(os.path.expanduser(str(path)))
+    if not p.is_file():
+        raise CheckpointError(f"weight file not found: {p}")
+    if p.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(p))
+        except Exception as e:
+            raise CheckpointError(f"{p} is not a readable safetensors file ({_first_line(e)})") from None
+    try:
+        obj = _torch_load(p)
+    except CheckpointError as e:
+        if "damaged" in str(e):
+            raise
+        raise CheckpointError(
+            f"{p} is not a loadable weights file (refused or unreadable with weights_only=True: {str(e).split('(', 1)[-1].rstrip(')')})"
+        ) from None
+    if isinstance(obj, dict) and "format" in obj and "student" in obj:
+        check_format(obj, p)
+    if isinstance(obj, dict):
+        for key in ("student", "model", "state_dict"):
+            if key in obj and isinstance(obj[key], dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{p} holds no state dict of tensors (expected weights or a wsld checkpoint)")
+    return {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in obj.items()}
 
 
 def rng_state() -> dict[str, Any]:

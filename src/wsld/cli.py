@@ -20,7 +20,7 @@ COMMAND_MODULES = [
     "wsld.commands.evaluate",
     "wsld.data.cli",
     "wsld.commands.demo",
-    "wsld.soft_labels",
+    "wsld.commands.soft_labels",
     "wsld.export",
 ]
 

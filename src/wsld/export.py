@@ -42,20 +42,14 @@ def _pip_hint() -> str:
 
 def load_student(checkpoint: Path, ema: bool = False) -> tuple[nn.Module, dict[str, Tensor], Any, dict]:
     """``(model in eval mode, state dict, config, checkpoint)`` of a wsld checkpoint's student."""
-    from wsld.checkpoint import load_checkpoint
+    from wsld.checkpoint import load_checkpoint, student_state
     from wsld.config import config_from_dict
     from wsld.models import build_model
 
     if checkpoint.suffix == ".safetensors":
         raise UserError(f"{checkpoint} holds weights only: export from the run's checkpoint (last.pt or best.pt)")
     ck = load_checkpoint(checkpoint)
-    if ema:
-        if ck.get("ema") is None:
-            raise CheckpointError(f"{checkpoint} holds no EMA weights (train.ema_decay was 0)")
-        state = ck["ema"]
-        state = {k.removeprefix("module."): v for k, v in state.items() if k != "n_averaged"}
-    else:
-        state = ck["student"]
+    state = student_state(ck, checkpoint, ema=ema)
     cfg = config_from_dict(ck.get("config", {}))
     arch = ck.get("student_arch", cfg.model.student)
     num_classes = int(ck.get("num_classes") or 0)

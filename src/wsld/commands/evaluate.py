@@ -23,13 +23,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from wsld.checkpoint import load_checkpoint
+    from wsld.checkpoint import load_checkpoint, read_weights, student_state
     from wsld.config import load_config
     from wsld.data import build_datasets
     from wsld.data.sampling import ResumableSampler
-    from wsld.engine import BatchNormalizer, amp_dtype_for, evaluate, make_loader, setup_runtime, use_channels_last
-    from wsld.errors import CheckpointError, UserError
-    from wsld.models import build_model, check_model_name, load_state_dict_file, load_weights
+    from wsld.engine.evaluate import evaluate
+    from wsld.engine.loop import make_loader
+    from wsld.engine.step import BatchNormalizer
+    from wsld.errors import UserError
+    from wsld.models import build_model, check_model_name, load_weights
+    from wsld.runtime import amp_dtype_for, setup_runtime, teardown_runtime, use_channels_last
 
     path = Path(args.checkpoint)
     if not path.is_file():
@@ -38,19 +41,14 @@ def run(args: argparse.Namespace) -> int:
     if path.suffix == ".safetensors":
         if args.ema:
             raise UserError("--ema needs a wsld checkpoint (.pt); a .safetensors file holds one set of weights")
-        state = load_state_dict_file(path)
+        state = read_weights(path)
         cfg_path = Path(args.config) if args.config else path.parent / "config.yaml"
         if not cfg_path.is_file():
             raise UserError(f"{path} holds weights only: give --config CONFIG (the run's config.yaml)")
         cfg = load_config(cfg_path, args.overrides)
     else:
         ck = load_checkpoint(path)
-        if args.ema:
-            if ck.get("ema") is None:
-                raise CheckpointError(f"{path} holds no EMA weights (train.ema_decay was 0)")
-            state = ck["ema"]
-        else:
-            state = ck["student"]
+        state = student_state(ck, path, ema=args.ema)
         if args.config:
             cfg = load_config(args.config, args.overrides)
         else:
@@ -67,14 +65,11 @@ def run(args: argparse.Namespace) -> int:
     bs = max(1, (cfg.data.val_batch_size or cfg.data.batch_size) // rt.world_size)
     sampler = ResumableSampler(len(val), batch_size=bs, shuffle=False, rank=rt.rank, world_size=rt.world_size, pad=False, with_seeds=False)
     loader = make_loader(val, sampler, bs, workers=cfg.data.workers, device=rt.device, drop_last=False, seed=cfg.train.seed)
-    norm = BatchNormalizer(info.mean, info.std, rt.device, use_channels_last(cfg, rt.device))
+    norm = BatchNormalizer(info.mean, info.std, rt.device, use_channels_last(cfg.model.channels_last, rt.device))
     try:
         res = evaluate(model, loader, norm, info.num_classes, rt, amp_dtype_for(cfg.train.amp, rt.device), cfg.train.progress, "eval")
     finally:
-        if rt.distributed:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
+        teardown_runtime(rt)
     if int(os.environ.get("RANK", "0")) == 0:
         which = "EMA weights" if args.ema else "student"
         print(

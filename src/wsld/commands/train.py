@@ -46,7 +46,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from wsld.config import load_config, to_dict
-    from wsld.engine import RESUME_SAFE_KEYS, config_diff, default_run_dir, run_training
+    from wsld.engine.rundir import RESUME_SAFE_KEYS, config_diff, default_run_dir
+    from wsld.run import run_training
 
     config_path, overrides = split_config_and_overrides(args.args)
     if args.resume:
@@ -69,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
         summary = run_training(cfg, run_dir, resume=True)
     else:
         cfg = load_config(config_path, overrides)
-        run_dir = Path(args.out) if args.out else default_run_dir(cfg)
+        run_dir = Path(args.out) if args.out else default_run_dir(cfg.data.dataset, cfg.distill.loss, cfg.model.student)
         if (run_dir / "last.pt").exists() or (run_dir / "summary.json").exists():
             raise UserError(f"{run_dir} already holds a run: use --resume {run_dir} to continue it, or another --out")
         summary = run_training(cfg, run_dir)

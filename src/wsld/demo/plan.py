@@ -219,7 +219,7 @@ def run_state(sp: RunSpec) -> str:
     """``done`` (summary.json), ``resume`` (a checkpoint) or ``fresh``; refuses a run directory that
     holds a run of other settings (the demo would otherwise mix old and new numbers)."""
     from wsld.config import load_config, to_dict
-    from wsld.engine import RESUME_SAFE_KEYS, config_diff
+    from wsld.engine.rundir import RESUME_SAFE_KEYS, config_diff
 
     saved = sp.run_dir / "config.yaml"
     has_ckpt = (sp.run_dir / "last.pt").is_file()

@@ -1,0 +1,1 @@
+"""The training engine: the step (``step``), optimiser and schedule (``optim``), evaluation, the run directory and the loop (``loop``)."""

@@ -1,0 +1,539 @@
+"""The training loop: ``Trainer`` builds a run from its config and ``fit()`` trains, evaluates and checkpoints it.
+
+Design points (see docs/engine.md):
+- the teacher is a ``TeacherSource`` chosen once, by the factory the trainer is given
+  (``wsld.run.build_trainer`` passes ``wsld.teachers.select.open_teacher_source``); the loop never
+  asks which kind it is;
+- sampling is deterministic per sample (``data.sampling``), so a run killed at any step and resumed
+  from its last checkpoint finishes with the same weights as an uninterrupted run;
+- only rank 0 writes files; every file is written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from wsld.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from wsld.config import Config, to_dict, to_yaml
+from wsld.data import DataInfo, build_datasets
+from wsld.data.batch import Batch, collate_batch
+from wsld.data.datasets import collate_skip_corrupt
+from wsld.data.sampling import ResumableSampler
+from wsld.engine.evaluate import evaluate
+from wsld.engine.optim import build_optimizer, effective_lr, lr_factor
+from wsld.engine.rundir import RESUME_SAFE_KEYS, MetricsLog, config_diff, early_write_probe, write_probe
+from wsld.engine.step import BatchNormalizer, StepContext, train_step
+from wsld.errors import CheckpointError, UserError
+from wsld.files import atomic_write_text
+from wsld.losses.registry import build_loss
+from wsld.models import build_model, check_model_name, load_weights
+from wsld.runtime import Runtime, amp_dtype_for, barrier, seed_everything, set_cpu_threads, use_channels_last
+from wsld.teachers.base import TeacherSource
+from wsld.teachers.live import set_teacher_bn_mode
+
+# Test hook (docs/engine.md): WSLD_STOP_AFTER_STEPS=N makes the student run exit abruptly
+# (os._exit, no cleanup, like a crash) right after this process has taken N optimizer steps and
+# written any checkpoint due at that step. Used by the resume and reliability tests.
+STOP_AFTER_STEPS_ENV = "WSLD_STOP_AFTER_STEPS"
+STOP_EXIT_CODE = 99
+
+# builds the run's teacher source once the data is known: (data info, log) -> source or None
+TeacherFactory = Callable[[DataInfo, Callable[[str], None]], Optional[TeacherSource]]
+
+
+class TrainingDiverged(UserError):
+    """Loss became NaN/Inf with nan_policy=stop."""
+
+    exit_code = 3
+
+
+def make_loader(
+    dataset, sampler, batch_size: int, *, workers: int, device: torch.device, drop_last: bool, seed: int = 0,
+    collate_fn: Optional[Callable] = None,
+) -> DataLoader:
+    """A DataLoader over ``sampler`` that moves uint8 batches.
+
+    It gets its own generator: creating an iterator then draws its worker base seed from that
+    generator instead of from torch's global RNG, so evaluation or a resume does not shift the
+    global random stream that dropout and friends use (exact resume needs that).
+    """
+    return DataLoader(
+        dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate_fn or collate_skip_corrupt,
+        pin_memory=device.type == "cuda", drop_last=drop_last, persistent_workers=False,
+        prefetch_factor=4 if workers > 0 else None, generator=torch.Generator().manual_seed(seed),
+    )  # fmt: skip
+
+
+class EpochStats:
+    """Running sums of one epoch: the loss and every scalar part the loss returns, since the last
+    metrics line, and the per-class mean of a per-sample ``sample_weight`` part (WSLD's weights).
+    Saved in mid-epoch checkpoints, so a resumed run logs the same numbers."""
+
+    OLD_NAMES = ["loss", "hard", "soft", "weight_mean"]  # the fixed order of checkpoints before named parts
+
+    def __init__(self, num_classes: int, device: torch.device):
+        self.device = device
+        self.names: list[str] = []
+        self.sums = torch.zeros(0, device=device, dtype=torch.float64)
+        self.n = 0
+        self.class_w_sum = torch.zeros(num_classes, device=device, dtype=torch.float64)
+        self.class_n = torch.zeros(num_classes, device=device, dtype=torch.float64)
+        self.lr = 0.0
+        self.reset_window()
+
+    def reset_window(self) -> None:
+        self.sums.zero_()
+        self.n = 0
+        self.imgs = 0
+        self.wait = 0.0
+        self.t0 = time.perf_counter()
+
+    def add(self, loss: Tensor, parts: dict[str, Tensor], y: Tensor) -> None:
+        scalars = {"loss": loss, **{k: v for k, v in parts.items() if v.ndim == 0}}
+        if not self.names:
+            self.names = list(scalars)
+            self.sums = torch.zeros(len(self.names), device=self.device, dtype=torch.float64)
+        self.sums += torch.stack([scalars[k].double() for k in self.names])
+        self.n += 1
+        sw = parts.get("sample_weight")
+        if sw is not None and sw.ndim == 1:
+            self.class_w_sum.index_add_(0, y, sw.double())
+            self.class_n.index_add_(0, y, torch.ones_like(sw, dtype=torch.float64))
+
+    def means(self, rt: Runtime) -> dict[str, float]:
+        """Mean of each part over the window (and over the ranks)."""
+        sums = self.sums
+        if rt.distributed:
+            sums = sums.clone()
+            dist.all_reduce(sums)
+            sums /= rt.world_size
+        return dict(zip(self.names, (sums / max(1, self.n)).tolist()))
+
+    def class_weights(self, rt: Runtime) -> Optional[list[float]]:
+        """Mean WSLD weight per class over the epoch (all ranks), None for losses without weights."""
+        w, n = self.class_w_sum, self.class_n
+        if rt.distributed:
+            w, n = w.clone(), n.clone()
+            dist.all_reduce(w)
+            dist.all_reduce(n)
+        if n.sum() <= 0:
+            return None
+        return (w / n.clamp_min(1)).cpu().tolist()
+
+    def state(self) -> dict[str, Any]:
+        return {"names": list(self.names), "sums": self.sums.cpu(), "n": self.n, "class_w_sum": self.class_w_sum.cpu(), "class_n": self.class_n.cpu()}
+
+    def load(self, st: dict[str, Any]) -> None:
+        self.names = list(st.get("names") or self.OLD_NAMES)
+        self.sums = st["sums"].to(self.device, torch.float64).clone()
+        self.n = int(st["n"])
+        self.class_w_sum.copy_(st["class_w_sum"])
+        self.class_n.copy_(st["class_n"])
+
+
+class Trainer:
+    """Builds everything from a Config, then ``fit()`` trains and evaluates the student."""
+
+    def __init__(self, cfg: Config, run_dir: Path | str, rt: Runtime, *, resume: bool = False, role: str = "student",
+                 teacher_factory: Optional[TeacherFactory] = None):  # fmt: skip
+        self.cfg, self.rt, self.role = cfg, rt, role
+        self.run_dir = Path(run_dir)
+        self.resume = resume
+        self.teacher_factory = teacher_factory
+
+    # -- helpers
+    def say(self, msg: str) -> None:
+        if self.rt.is_main:
+            print(f"[wsld] {msg}", file=sys.stderr, flush=True)
+
+    def _loader(self, dataset, sampler, batch_size: int, drop_last: bool, collate_fn: Optional[Callable] = None) -> DataLoader:
+        return make_loader(
+            dataset, sampler, batch_size, workers=self.cfg.data.workers, device=self.rt.device, drop_last=drop_last,
+            seed=self.cfg.train.seed, collate_fn=collate_fn,
+        )  # fmt: skip
+
+    def setup(self) -> None:
+        cfg, rt = self.cfg, self.rt
+        if cfg.data.batch_size % rt.world_size:
+            raise UserError(
+                f"config key 'data.batch_size': global batch {cfg.data.batch_size} is not divisible by the "
+                f"{rt.world_size} processes (give a multiple of {rt.world_size})"
+            )
+        # cheap checks first: a typo must not cost a teacher training or a data scan
+        check_model_name(cfg.model.student, "model.student")
+        if cfg.distill.loss != "ce" and not cfg.distill.soft_labels:
+            check_model_name(cfg.model.teacher, "model.teacher")
+        self.amp_dtype = amp_dtype_for(cfg.train.amp, rt.device)
+        if cfg.model.sync_bn and rt.distributed and rt.device.type != "cuda":
+            raise UserError("config key 'model.sync_bn': SyncBatchNorm needs CUDA devices; set model.sync_bn=false on CPU")
+        set_cpu_threads(cfg, rt)
+        seed_everything(cfg.train.seed, cfg.train.deterministic, rt.device)
+        self.train_ds, self.val_ds, self.info = build_datasets(cfg.data, seed=cfg.train.seed)
+        info: DataInfo = self.info
+        self.per_rank_batch = cfg.data.batch_size // rt.world_size
+        if len(self.train_ds) < cfg.data.batch_size:
+            raise UserError(
+                f"config key 'data.batch_size': {cfg.data.batch_size} is larger than the training split ({len(self.train_ds)} images)"
+            )
+        # models
+        self.loss = build_loss(cfg.distill)
+        self.teacher: Optional[TeacherSource] = None
+        if self.loss.needs_teacher:
+            if self.teacher_factory is None:
+                raise RuntimeError("a distillation loss needs a teacher: build the trainer with wsld.run.build_trainer")
+            self.teacher = self.teacher_factory(info, self.say)
+        torch.manual_seed(cfg.train.seed)  # student init independent of what ran before
+        self.student = build_model(
+            cfg.model.student, info.num_classes, in_channels=info.in_channels, weights=cfg.model.student_weights,
+            replace_head_if_needed=cfg.model.replace_head, role="student",
+        )  # fmt: skip
+        dev = rt.device
+        self.channels_last = use_channels_last(cfg.model.channels_last, dev)
+        mf = torch.channels_last if self.channels_last else torch.contiguous_format
+        self.student.to(dev, memory_format=mf)
+        if cfg.model.sync_bn and rt.distributed:
+            self.student = nn.SyncBatchNorm.convert_sync_batchnorm(self.student)
+        self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None  # fp16 is CUDA-only
+        self.base_lr = effective_lr(cfg)
+        self.optimizer = build_optimizer(self.student, cfg, self.base_lr)
+        for g in self.optimizer.param_groups:
+            g["initial_lr"] = self.base_lr
+        self.ema = None
+        if cfg.train.ema_decay > 0:
+            from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+            self.ema = AveragedModel(self.student, multi_avg_fn=get_ema_multi_avg_fn(cfg.train.ema_decay), use_buffers=True)
+        self.model = self.student
+        if rt.distributed:
+            self.model = nn.parallel.DistributedDataParallel(
+                self.student, device_ids=[dev.index] if dev.type == "cuda" else None
+            )
+        run_student = torch.compile(self.model) if cfg.model.compile else self.model
+        self.ctx = StepContext(
+            student=run_student, teacher=self.teacher, loss_fn=self.loss, optimizer=self.optimizer, scaler=self.scaler,
+            amp_dtype=self.amp_dtype, grad_clip=cfg.train.grad_clip,
+        )  # fmt: skip
+        self.normalize = BatchNormalizer(info.mean, info.std, dev, self.channels_last)
+        # data
+        self.train_sampler = ResumableSampler(
+            len(self.train_ds), batch_size=self.per_rank_batch, seed=cfg.train.seed, shuffle=True,
+            rank=rt.rank, world_size=rt.world_size, pad=True, with_seeds=True,
+        )  # fmt: skip
+        self.steps_per_epoch = self.train_sampler.batches_per_epoch(drop_last=True)
+        val_bs = (cfg.data.val_batch_size or cfg.data.batch_size) // rt.world_size or 1
+        val_sampler = ResumableSampler(
+            len(self.val_ds), batch_size=val_bs, shuffle=False, rank=rt.rank, world_size=rt.world_size, pad=False, with_seeds=False
+        )
+        self.val_loader = self._loader(self.val_ds, val_sampler, val_bs, drop_last=False)
+        train_collate: Callable[[list], Batch] = collate_batch
+        if self.teacher is not None:  # e.g. stored soft labels replay their crops and attach their records
+            self.train_ds, self.train_sampler, train_collate = self.teacher.prepare_train_data(self.train_ds, self.train_sampler)
+        self.train_loader = self._loader(self.train_ds, self.train_sampler, self.per_rank_batch, drop_last=True, collate_fn=train_collate)
+
+    def _state(self, epoch: int, step_in_epoch: int, global_step: int, stats: Optional["EpochStats"] = None) -> dict[str, Any]:
+        # per-rank parts (RNG states, running sums), gathered to rank 0, which writes the file
+        mine = (rng_state(), stats.state() if stats is not None else None)
+        per_rank = [mine]
+        if self.rt.distributed:
+            per_rank = [None] * self.rt.world_size
+            dist.all_gather_object(per_rank, mine)
+        rngs = [r for r, _ in per_rank]
+        return {
+            "format": "wsld-checkpoint-1",
+            "student": {k: v.detach().cpu() for k, v in self.student.state_dict().items()},
+            "student_arch": self.cfg.model.student,
+            "num_classes": self.info.num_classes,
+            "classes": list(self.info.classes),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.sched.state_dict() if self.sched is not None else None,
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "ema": {k: v.detach().cpu() for k, v in self.ema.module.state_dict().items()} if self.ema is not None else None,
+            "ema_n_averaged": int(self.ema.n_averaged.item()) if self.ema is not None else 0,
+            "epoch": epoch,
+            "step_in_epoch": step_in_epoch,
+            "global_step": global_step,
+            "epoch_stats": [st for _, st in per_rank] if stats is not None else None,
+            "best_top1": self.best_top1,
+            "best_epoch": self.best_epoch,
+            "teacher_eval": self.teacher_eval,
+            "skipped_steps": self.skipped_steps,
+            "corrupt_count": self.corrupt_count,
+            "metrics_lines": self.metrics.lines,
+            "world_size": self.rt.world_size,
+            "rng": rngs,
+            "config": to_dict(self.cfg),
+        }
+
+    def _save(self, names: tuple[str, ...], epoch: int, step_in_epoch: int, global_step: int, stats: Optional["EpochStats"] = None) -> None:
+        """Write the same state under each name, in order (collective: every rank calls it)."""
+        state = self._state(epoch, step_in_epoch, global_step, stats)
+        if self.rt.is_main:
+            for name in names:
+                save_checkpoint(state, self.run_dir / name)
+
+    def _restore(self) -> tuple[int, int, int, int, Optional[dict]]:
+        path = self.run_dir / "last.pt"
+        ck = load_checkpoint(path)
+        saved = ck.get("config", {})
+        diff = [k for k in config_diff(saved, to_dict(self.cfg)) if k not in RESUME_SAFE_KEYS]
+        if diff:
+            raise UserError(f"cannot resume {self.run_dir}: its checkpoint was trained with other values of {', '.join(diff)} (start a new run instead)")
+        load_weights(self.student, ck["student"], str(path), self.cfg.model.student)
+        try:
+            self.optimizer.load_state_dict(ck["optimizer"])
+        except (ValueError, KeyError) as e:
+            raise CheckpointError(f"{path}: optimizer state does not fit this run ({e})") from None
+        if self.scaler is not None and ck.get("scaler"):
+            self.scaler.load_state_dict(ck["scaler"])
+        if self.ema is not None and ck.get("ema") is not None:
+            self.ema.module.load_state_dict(ck["ema"])
+            self.ema.n_averaged.fill_(ck.get("ema_n_averaged", 0))
+        self.best_top1, self.best_epoch = ck["best_top1"], ck["best_epoch"]
+        self.teacher_eval = ck.get("teacher_eval")
+        self.skipped_steps = ck.get("skipped_steps", 0)
+        self.corrupt_count = ck.get("corrupt_count", 0)
+        rngs = ck.get("rng") or []
+        if rngs:
+            set_rng_state(rngs[self.rt.rank] if self.rt.rank < len(rngs) else rngs[0])
+        if ck.get("world_size", 1) != self.rt.world_size:
+            self.say(f"resuming a {ck.get('world_size', 1)}-process run with {self.rt.world_size} processes: same global batches, equal to float rounding only")
+        stats = ck.get("epoch_stats")
+        if stats and len(stats) != self.rt.world_size:
+            stats = None  # other world size: the partial epoch's running sums start over
+        return ck["epoch"], ck["step_in_epoch"], ck["global_step"], int(ck.get("metrics_lines") or 0), stats[self.rt.rank] if stats else None
+
+    def _estimated_checkpoint_bytes(self) -> int:
+        n = sum(p.numel() * p.element_size() for p in self.student.parameters())
+        return int(n * (3 + (1 if self.ema is not None else 0))) + (1 << 20)
+
+    def _evaluate_all(self, progress: bool) -> tuple[dict, Optional[dict]]:
+        C = self.info.num_classes
+        res = evaluate(self.student, self.val_loader, self.normalize, C, self.rt, self.amp_dtype, progress, "eval")
+        ema = None
+        if self.ema is not None:
+            ema = evaluate(self.ema.module, self.val_loader, self.normalize, C, self.rt, self.amp_dtype, progress, "eval ema")
+        return res, ema
+
+    def fit(self) -> dict[str, Any]:
+        from tqdm import tqdm
+
+        cfg, rt = self.cfg, self.rt
+        if rt.is_main:
+            early_write_probe(self.run_dir)  # before any teacher training or data work
+        self.setup()
+        self.sched = None
+        self.best_top1, self.best_epoch = -1.0, -1
+        self.teacher_eval: Optional[dict] = None
+        self.skipped_steps = 0
+        self.corrupt_count = 0
+        start_epoch, start_step, global_step, metrics_lines = 0, 0, 0, 0
+        saved_stats: Optional[dict] = None
+        if self.resume and not (self.run_dir / "last.pt").is_file():
+            self.say(f"{self.run_dir} holds no checkpoint yet: starting it from the beginning")
+            self.resume = False
+        if self.resume:
+            start_epoch, start_step, global_step, metrics_lines, saved_stats = self._restore()
+        # everything validated: now the run directory may be created
+        if rt.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            write_probe(self.run_dir, self._estimated_checkpoint_bytes())
+            atomic_write_text(self.run_dir / "config.yaml", to_yaml(cfg))
+        barrier(rt)
+        # a fresh run empties metrics.jsonl and TensorBoard; a resumed one drops what came after its checkpoint
+        self.metrics = MetricsLog(self.run_dir, rt.is_main, purge_step=global_step + 1 if self.resume else 0, keep_lines=metrics_lines)
+        progress = cfg.train.progress and rt.is_main
+        self.say(
+            f"{self.role}: {cfg.model.student} on {cfg.data.dataset} ({len(self.train_ds)} train / {len(self.val_ds)} val, "
+            f"{self.info.num_classes} classes), loss={cfg.distill.loss}, device={rt.device}, world={rt.world_size}, "
+            f"amp={self.amp_dtype}, channels_last={self.channels_last}"
+            + (f", teacher: {self.teacher.name}" if self.teacher is not None else "")
+        )
+        if not self.resume:
+            self.metrics.write({
+                "kind": "start", "role": self.role, "loss": cfg.distill.loss, "student": cfg.model.student,
+                "teacher": None, "teacher_weights": None, "teacher_bn_mode": None,
+                **(self.teacher.describe() if self.teacher is not None else {}),
+                "world_size": rt.world_size, "lr": self.base_lr, "steps_per_epoch": self.steps_per_epoch,
+                "amp": str(self.amp_dtype), "channels_last": self.channels_last, "global_step": 0,
+            })  # fmt: skip
+        else:
+            self.say(f"resuming {self.run_dir} at epoch {start_epoch + 1}, step {start_step} (global step {global_step})")
+            self.metrics.write({"kind": "resume", "epoch": start_epoch + 1, "step": start_step, "global_step": global_step, "world_size": rt.world_size})
+        if self.teacher is not None and self.teacher.runs_model and self.teacher_eval is None:
+            self.teacher_eval = evaluate(self.teacher.model, self.val_loader, self.normalize, self.info.num_classes, rt, self.amp_dtype, progress, "teacher eval")
+            set_teacher_bn_mode(self.teacher.model, cfg.model.teacher_bn_mode)
+            self.say(f"teacher top-1 {self.teacher_eval['top1']:.2f}  top-5 {self.teacher_eval['top5']:.2f}")
+            self.metrics.write({"kind": "teacher_eval", "global_step": global_step, **self.teacher_eval}, step=0)
+
+        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
+        # the schedule is a pure function of the global step: restoring the step restores the lr
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(cfg, s / self.steps_per_epoch))
+        self.sched.last_epoch = global_step - 1
+        self.sched.step()  # lr for global_step
+        self.student.train()
+        C = self.info.num_classes
+        last_eval: Optional[dict] = None
+        last_ema_eval: Optional[dict] = None
+        stop_after = int(os.environ.get(STOP_AFTER_STEPS_ENV) or 0) if self.role == "student" else 0
+        steps_here = 0
+        for epoch in range(start_epoch, cfg.train.epochs):
+            first = start_step if epoch == start_epoch else 0
+            self.train_sampler.set_epoch(epoch, first)
+            stats = EpochStats(C, rt.device)
+            if epoch == start_epoch and saved_stats is not None:
+                stats.load(saved_stats)
+            bar = tqdm(total=self.steps_per_epoch, initial=first, desc=f"{self.role} epoch {epoch + 1}/{cfg.train.epochs}",
+                       disable=not progress, mininterval=1.0, leave=False, dynamic_ncols=True)  # fmt: skip
+            t_wait = time.perf_counter()
+            step = first
+            for batch in self.train_loader:
+                stats.wait += time.perf_counter() - t_wait
+                if batch.corrupt:
+                    self._handle_corrupt(batch.corrupt, epoch, step)
+                lr_used = self.optimizer.param_groups[0]["lr"]
+                if self._batch_is_empty(len(batch)):  # every image of the batch was corrupt (on some rank)
+                    pass
+                else:
+                    self.loss.set_epoch(epoch + step / self.steps_per_epoch)  # for losses that follow training progress (DKD's warm-up)
+                    x = self.normalize(batch.images)
+                    y = batch.targets.to(rt.device, non_blocking=True)
+                    loss, parts = train_step(self.ctx, x, y, batch)
+                    if loss is None:
+                        self._non_finite(epoch, step, global_step)
+                    else:
+                        if self.ema is not None:
+                            self.ema.update_parameters(self.student)
+                        stats.add(loss, parts, y)
+                step += 1
+                global_step += 1
+                steps_here += 1
+                self.sched.step()
+                stats.imgs += len(batch) * rt.world_size
+                stats.lr = lr_used
+                bar.update(1)
+                if cfg.train.log_every and global_step % cfg.train.log_every == 0 and stats.n:
+                    rec = self._train_record(stats, epoch, step, global_step)
+                    bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{rec['lr']:.3g}")
+                if cfg.checkpoint.every_steps and global_step % cfg.checkpoint.every_steps == 0 and step < self.steps_per_epoch:
+                    self._save(("last.pt",), epoch, step, global_step, stats)
+                if stop_after and steps_here >= stop_after:
+                    self._simulated_crash(global_step)
+                t_wait = time.perf_counter()
+            bar.close()
+            if stats.n:
+                self._train_record(stats, epoch, step, global_step)
+            class_w = stats.class_weights(rt)
+            if class_w is not None:
+                self.metrics.write({"kind": "class_weights", "epoch": epoch + 1, "global_step": global_step, "mean_weight": class_w})
+            is_last = epoch + 1 == cfg.train.epochs
+            names: tuple[str, ...] = ("last.pt",)
+            if (epoch + 1) % cfg.train.eval_every == 0 or is_last:
+                last_eval, last_ema_eval = self._evaluate_all(progress)
+                rec = {"kind": "eval", "epoch": epoch + 1, "global_step": global_step, **last_eval}
+                if last_ema_eval is not None:
+                    rec.update({"ema_top1": last_ema_eval["top1"], "ema_top5": last_ema_eval["top5"]})
+                self.metrics.write(rec, step=global_step)
+                if last_eval["top1"] > self.best_top1:
+                    self.best_top1, self.best_epoch = last_eval["top1"], epoch + 1
+                    # best.pt before last.pt: a crash in between redoes this epoch and rewrites both
+                    names = ("best.pt", "last.pt")
+                self.say(
+                    f"{self.role} epoch {epoch + 1}/{cfg.train.epochs}: top-1 {last_eval['top1']:.2f} top-5 {last_eval['top5']:.2f}"
+                    + (f" (EMA {last_ema_eval['top1']:.2f})" if last_ema_eval else "")
+                    + f"  best {self.best_top1:.2f} @ epoch {self.best_epoch}"
+                )
+            self._save(names, epoch + 1, 0, global_step)
+        if last_eval is None:  # resumed after the final epoch had finished
+            last_eval, last_ema_eval = self._evaluate_all(progress)
+        summary = {
+            "role": self.role,
+            "loss": cfg.distill.loss,
+            "student": cfg.model.student,
+            "teacher": cfg.model.teacher if self.teacher is not None and self.teacher.runs_model else None,
+            "teacher_bn_mode": cfg.model.teacher_bn_mode if self.teacher is not None and self.teacher.runs_model else None,
+            "soft_labels": cfg.distill.soft_labels,
+            "epochs": cfg.train.epochs,
+            "last_top1": last_eval["top1"],
+            "last_top5": last_eval["top5"],
+            "last_per_class_top1": last_eval["per_class_top1"],
+            "last_checkpoint": "last.pt",
+            "best_top1": self.best_top1,
+            "best_epoch": self.best_epoch,
+            "best_checkpoint": "best.pt",
+            "ema_last_top1": last_ema_eval["top1"] if last_ema_eval else None,
+            "ema_last_top5": last_ema_eval["top5"] if last_ema_eval else None,
+            "teacher_top1": self.teacher_eval["top1"] if self.teacher_eval else None,
+            "teacher_top5": self.teacher_eval["top5"] if self.teacher_eval else None,
+            "teacher_per_class_top1": self.teacher_eval["per_class_top1"] if self.teacher_eval else None,
+            "skipped_steps": self.skipped_steps,
+            "corrupt_images": self.corrupt_count,
+            "global_step": global_step,
+            "world_size": rt.world_size,
+            "run_dir": str(self.run_dir),
+        }
+        self.metrics.write({"kind": "summary", **summary})
+        self.metrics.close()
+        if rt.is_main:
+            atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2))
+        barrier(rt)
+        return summary
+
+    def _batch_is_empty(self, n: int) -> bool:
+        """Under DDP all ranks must skip together, or the others would wait in backward forever."""
+        if not self.rt.distributed or self.cfg.data.format == "builtin":  # built-in samples never fail
+            return n == 0
+        t = torch.tensor([n], device=self.rt.device, dtype=torch.int64)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        return int(t.item()) == 0
+
+    def _simulated_crash(self, global_step: int) -> None:
+        """The WSLD_STOP_AFTER_STEPS test hook: leave like a crash (no summary, no cleanup).
+
+        Under DDP the ranks first meet at a barrier, so rank 0 has finished writing the checkpoint
+        due at this step and the hook always stops the run at the same point."""
+        self.say(f"{STOP_AFTER_STEPS_ENV}: stopping abruptly after global step {global_step} (test hook)")
+        barrier(self.rt)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(STOP_EXIT_CODE)
+
+    def _train_record(self, stats: "EpochStats", epoch: int, step: int, global_step: int) -> dict:
+        dt = max(1e-9, time.perf_counter() - stats.t0)
+        rec = {
+            "kind": "train", "epoch": epoch + 1, "step": step, "global_step": global_step, **stats.means(self.rt),
+            "lr": stats.lr, "img_per_s": stats.imgs / dt, "data_wait_frac": min(1.0, stats.wait / dt),
+        }  # fmt: skip
+        self.metrics.write(rec, step=global_step)
+        stats.reset_window()
+        return rec
+
+    def _handle_corrupt(self, bad: list, epoch: int, step: int) -> None:
+        self.corrupt_count += len(bad)
+        for b in bad:
+            msg = f"corrupt image skipped: {getattr(b, 'path', b)} ({getattr(b, 'error', '')})"
+            print(f"[wsld] {msg}", file=sys.stderr, flush=True)
+            self.metrics.write({"kind": "corrupt", "epoch": epoch + 1, "step": step, "path": str(getattr(b, "path", b)), "error": str(getattr(b, "error", ""))})
+
+    def _non_finite(self, epoch: int, step: int, global_step: int) -> None:
+        where = f"epoch {epoch + 1}, step {step + 1} (global step {global_step + 1})"
+        if self.cfg.train.nan_policy == "skip":
+            self.skipped_steps += 1
+            self.say(f"non-finite loss at {where}: step skipped ({self.skipped_steps} so far)")
+            self.metrics.write({"kind": "skipped_step", "epoch": epoch + 1, "step": step + 1, "global_step": global_step + 1})
+            return
+        last = self.run_dir / "last.pt"
+        good = f"last good checkpoint: {last}" if last.is_file() else "no checkpoint was written yet"
+        self.metrics.write({"kind": "diverged", "epoch": epoch + 1, "step": step + 1, "global_step": global_step + 1})
+        self.metrics.close()
+        raise TrainingDiverged(f"loss is not finite at {where}; stopped ({good}; set train.nan_policy=skip to skip such steps)")

@@ -1,0 +1,121 @@
+"""The run directory: metrics.jsonl + TensorBoard, write probes, default names, and which config keys a resume may change."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from wsld.errors import UserError
+from wsld.files import atomic_write_text
+
+# keys that may differ between a run's saved config and the config of a resumed run: where the
+# data lives, how fast it is read, how often we log or checkpoint, and speed options that do not
+# change what is computed beyond float rounding (docs/engine.md, "Resume")
+RESUME_SAFE_KEYS = {
+    "data.data_path", "data.workers", "data.val_batch_size", "train.progress", "train.log_every",
+    "model.teacher_cache", "model.compile", "model.channels_last", "checkpoint.every_steps",
+}  # fmt: skip
+
+
+class MetricsLog:
+    """JSON-lines metrics (rank 0 only) plus TensorBoard scalars; truncatable on resume."""
+
+    def __init__(self, run_dir: Path, enabled: bool, purge_step: Optional[int] = None, keep_lines: Optional[int] = None):
+        self.enabled = enabled
+        self.path = run_dir / "metrics.jsonl"
+        self.lines = 0
+        self.tb = None
+        if not enabled:
+            return
+        if keep_lines is not None and self.path.exists():
+            kept = self.path.read_text(encoding="utf-8").splitlines()[:keep_lines]
+            atomic_write_text(self.path, "".join(line + "\n" for line in kept))
+        self.lines = len(self.path.read_text(encoding="utf-8").splitlines()) if self.path.exists() else 0
+        self._f = open(self.path, "a", encoding="utf-8")
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=purge_step)
+        except Exception as e:  # tensorboard missing or broken: keep the JSON log
+            print(f"wsld: TensorBoard logging off ({e})", file=sys.stderr)
+
+    def write(self, record: dict[str, Any], step: Optional[int] = None) -> None:
+        if not self.enabled:
+            return
+        record = {"time": round(time.time(), 3), **record}
+        self._f.write(json.dumps(record) + "\n")
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self.lines += 1
+        if self.tb is not None and step is not None:
+            kind = record.get("kind", "x")
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("epoch", "step", "global_step", "time"):
+                    self.tb.add_scalar(f"{kind}/{k}", v, step)
+
+    def close(self) -> None:
+        if self.enabled:
+            self._f.close()
+            if self.tb is not None:
+                self.tb.close()
+
+
+def write_probe(run_dir: Path, nbytes: int) -> None:
+    """Fail before training if the run directory cannot hold a checkpoint (unwritable, disk full)."""
+    probe = run_dir / ".write_probe"
+    try:
+        with open(probe, "wb") as f:
+            chunk = b"\0" * (1 << 20)
+            left = nbytes
+            while left > 0:
+                f.write(chunk[: min(left, len(chunk))])
+                left -= len(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise UserError(f"run directory {run_dir} cannot hold a {nbytes / 2**20:.0f} MiB checkpoint ({e.strerror or e}): free space or choose another --out") from None
+    finally:
+        try:
+            probe.unlink()
+        except OSError:
+            pass
+
+
+def early_write_probe(run_dir: Path, nbytes: int = 1 << 20) -> None:
+    """Fail in the first second, before data, teacher training or the run directory exist, when
+    ``run_dir`` cannot be created or written: a path through a regular file, a read-only file
+    system, a full disk, no permission. Leaves nothing behind (an unnamed temp file in the nearest
+    existing folder). ``write_probe`` checks the full checkpoint size once the model is built."""
+    folder = Path(os.path.abspath(run_dir))
+    while not os.path.lexists(folder) and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise UserError(f"cannot create run directory {run_dir}: {folder} is not a folder (choose another --out)")
+    try:
+        with tempfile.TemporaryFile(dir=folder) as f:
+            f.write(b"\0" * nbytes)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise UserError(f"run directory {run_dir} is not writable ({e.strerror or e}): free space or choose another --out") from None
+
+
+def default_run_dir(dataset: str, loss: str, student: str) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{stamp}-{dataset}-{loss}-{student}"
+
+
+def config_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for k in sorted(set(a) | set(b)):
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            keys += config_diff(va, vb, f"{prefix}{k}.")
+        elif va != vb:
+            keys.append(f"{prefix}{k}")
+    return keys

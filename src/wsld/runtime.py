@@ -1,0 +1,122 @@
+"""The process runtime: torchrun environment and process group, seeds, CPU threads, autocast dtype, memory format."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from wsld.errors import UserError
+
+
+@dataclass
+class Runtime:
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_runtime(device: Optional[str] = None) -> Runtime:
+    """Read torchrun's environment; start the process group (NCCL on CUDA, gloo on CPU)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device is None:
+        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+    return Runtime(dev, rank, world, local_rank)
+
+
+def teardown_runtime(rt: Runtime) -> None:
+    if rt.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier(rt: Runtime) -> None:
+    if rt.distributed:
+        dist.barrier()
+
+
+def broadcast_object(rt: Runtime, obj: Any) -> Any:
+    if not rt.distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def seed_everything(seed: int, deterministic: bool = False, device: Optional[torch.device] = None) -> None:
+    """Seed Python, NumPy and torch. ``deterministic``: deterministic algorithms, no cudnn autotuning;
+    otherwise cudnn.benchmark is on for CUDA (fixed input shapes: the autotuned kernels win)."""
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    elif device is not None and device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+
+def cpu_threads(cfg, rt: Runtime) -> Optional[int]:
+    """Torch threads for this process (None: leave torch's default, as on CUDA). ``cfg``: a Config
+    or its ``train`` section (reads ``threads``)."""
+    threads = getattr(getattr(cfg, "train", cfg), "threads")
+    if threads > 0:
+        return threads
+    if rt.device.type == "cuda" or os.environ.get("OMP_NUM_THREADS"):
+        return None  # CUDA, or the user set the threads for the process
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", rt.world_size))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // max(1, local_world))
+
+
+def set_cpu_threads(cfg, rt: Runtime) -> None:
+    n = cpu_threads(cfg, rt)
+    if n is not None and n != torch.get_num_threads():
+        torch.set_num_threads(n)
+
+
+def amp_dtype_for(amp: str, device: torch.device) -> Optional[torch.dtype]:
+    """Autocast dtype for ``train.amp``. ``auto``: bf16 on CUDA (fp16 + GradScaler on GPUs without
+    bf16), off on CPU. fp16 on CPU is refused: CPU autocast is meant for bf16 and a GradScaler is
+    only used on CUDA."""
+    if amp == "auto":
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if amp == "fp16" and device.type != "cuda":
+        raise UserError("config key 'train.amp': fp16 needs a CUDA device; on CPU use train.amp=bf16 or off")
+    return {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+
+
+def autocast(device: torch.device, dtype: Optional[torch.dtype]):
+    """``torch.autocast`` for ``dtype``, or a no-op context when autocast is off."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def use_channels_last(channels_last: Optional[bool], device: torch.device) -> bool:
+    """``model.channels_last``: null means on for CUDA, off on CPU."""
+    return channels_last if channels_last is not None else device.type == "cuda"

@@ -1,0 +1,95 @@
+"""Training a teacher with CE when no weights are given, and caching it (one cache entry per teacher setup, locked while it trains)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from wsld.checkpoint import load_checkpoint, save_weights
+from wsld.config import Config, config_from_dict, to_dict
+from wsld.engine.loop import Trainer
+from wsld.engine.rundir import RESUME_SAFE_KEYS
+from wsld.models import build_model, check_model_name
+from wsld.runtime import Runtime, barrier
+
+# train.threads is copied into the teacher's config (both phases of a first run use the same
+# threads, so a first run killed in its student phase resumes bit-identical) but, like the other
+# speed settings, does not change which cached teacher a setup uses
+CACHE_KEY_IGNORED = RESUME_SAFE_KEYS | {"train.threads"}
+
+
+def teacher_training_config(cfg: Config) -> Config:
+    """The config that trains the teacher with CE on the same data (same engine, same loader).
+
+    Only what shapes the teacher is taken from ``cfg`` (data, teacher name, ``teacher_train``, the
+    optimiser family, seed, speed options); student-only keys are reset to their defaults, so
+    changing ``distill.T`` or the student neither retrains nor invalidates a cached teacher.
+    """
+    tt = cfg.teacher_train
+    src = to_dict(cfg)
+    d = to_dict(Config())
+    d["data"] = src["data"]
+    d["checkpoint"] = src["checkpoint"]
+    d["teacher_train"] = src["teacher_train"]
+    for k in ("sync_bn", "channels_last", "compile", "teacher_cache"):
+        d["model"][k] = src["model"][k]
+    d["model"].update(student=cfg.model.teacher, student_weights=None, teacher_weights=None, replace_head=False)
+    d["distill"].update(loss="ce")
+    for k in ("base_batch_size", "optimizer", "momentum", "nesterov", "wd_norm_bias", "step_size", "milestones",
+              "gamma", "grad_clip", "amp", "seed", "deterministic", "nan_policy", "log_every", "progress", "threads"):  # fmt: skip
+        d["train"][k] = src["train"][k]
+    d["train"].update(epochs=tt.epochs, lr=tt.lr, weight_decay=tt.weight_decay, schedule=tt.schedule, ema_decay=0.0, warmup_epochs=0.0)
+    return config_from_dict(d)
+
+
+def architecture_fingerprint(name: str) -> list:
+    """Parameter names and shapes of model ``name`` (built on the meta device: no memory, no
+    init cost), so a cached teacher is not reused after the architecture's code changed."""
+    family = check_model_name(name, "model.teacher")
+    with torch.device("meta"):
+        model = build_model(name, 1, in_channels=1 if family == "local" else 3)
+    return [[k, list(v.shape)] for k, v in model.state_dict().items()]
+
+
+def teacher_cache_key(cfg: Config) -> str:
+    """Hash of everything that changes the trained teacher: its training config (minus
+    resume-safe keys) and its architecture."""
+    d = to_dict(teacher_training_config(cfg))
+    for dotted in CACHE_KEY_IGNORED:
+        section, key = dotted.split(".")
+        d[section].pop(key, None)
+    d["architecture"] = architecture_fingerprint(cfg.model.teacher)
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def teacher_cache_dir(cfg: Config) -> Path:
+    return Path(os.path.expanduser(cfg.model.teacher_cache)) / f"{cfg.data.dataset}-{cfg.model.teacher}-{teacher_cache_key(cfg)}"
+
+
+def ensure_teacher(cfg: Config, rt: Runtime, log: Callable[[str], None]) -> str:
+    """Path of the teacher's weights: given, or trained once and cached (an interrupted teacher
+    run resumes from its own checkpoint next time)."""
+    if cfg.model.teacher_weights:
+        return cfg.model.teacher_weights
+    cache = teacher_cache_dir(cfg)
+    weights = cache / "teacher.safetensors"
+    if weights.is_file():
+        log(f"teacher: reusing {weights}")
+        return str(weights)
+    tcfg = teacher_training_config(cfg)
+    run = cache / "run"
+    log(f"teacher: no model.teacher_weights given, training {cfg.model.teacher} with CE for {tcfg.train.epochs} epochs (cached in {cache})")
+    if rt.is_main:
+        cache.mkdir(parents=True, exist_ok=True)
+    barrier(rt)
+    resume = (run / "last.pt").is_file()
+    Trainer(tcfg, run, rt, resume=resume, role="teacher").fit()
+    if rt.is_main:
+        save_weights(load_checkpoint(run / "last.pt")["student"], weights)
+    barrier(rt)
+    return str(weights)
