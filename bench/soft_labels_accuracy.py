@@ -146,20 +146,21 @@ def label_error(full_store: Path, topks: list[int], overrides: list[str]) -> dic
 
     from wsld.config import load_config
     from wsld.data import build_datasets
-    from wsld.soft_labels import SoftLabelStore, records_to_tensors, teacher_logits_from_stored
+    from wsld.soft_labels.store import SoftLabelStore, logits_from_records, records_from_logits, records_to_tensors
 
     cfg = load_config(None, overrides)
     train, _, info = build_datasets(cfg.data, seed=cfg.train.seed)
     store = SoftLabelStore(full_store)
     recs = np.concatenate([store.records(i) for i in range(len(train))])
     y = torch.tensor(np.repeat(np.asarray(train.targets), store.crops))
-    t = records_to_tensors(recs)
-    z = teacher_logits_from_stored(t["log_prob"], t["class_index"], t["lse"], t["true_logit"], t["tail_lse"], y, info.num_classes)
+    cpu = torch.device("cpu")
+    z = logits_from_records(records_to_tensors(recs), y, info.num_classes, cpu)
     T, rows, out = cfg.distill.T, torch.arange(len(y)), {}
     for k in sorted(topks):
-        idx = t["class_index"][:, :k]
-        tail_lse = torch.logsumexp(z.scatter(1, idx, float("-inf")).scatter(1, y[:, None], float("-inf")), dim=1)
-        r = teacher_logits_from_stored(t["log_prob"][:, :k], idx, t["lse"], t["true_logit"], tail_lse, y, info.num_classes)
+        # what a top-k store made from the same teacher outputs holds
+        small = records_to_tensors(records_from_logits(z, y, k, store.meta["precision"]))
+        idx = small["class_index"]
+        r = logits_from_records(small, y, info.num_classes, cpu)
         known = torch.zeros_like(z, dtype=torch.bool).scatter_(1, idx, True)
         known[rows, y] = True
         exact_t, rebuilt_t = torch.softmax(z / T, 1), torch.softmax(r / T, 1)
@@ -175,7 +176,7 @@ def label_error(full_store: Path, topks: list[int], overrides: list[str]) -> dic
 
 def _store_meta(store: Path) -> dict:
     sys.path.insert(0, str(REPO / "src"))
-    from wsld.soft_labels import SoftLabelStore
+    from wsld.soft_labels.store import SoftLabelStore
 
     return SoftLabelStore(store).meta
 

@@ -1,5 +1,6 @@
-"""Offline soft labels: stored-logit reconstruction, crop replay, exact equality with online
-distillation when k = classes, resumable/refusing store, photo data with corrupt images."""
+"""Offline soft labels end to end: crop replay, exact equality with online distillation when
+k = classes, resumable/refusing store, photo data with corrupt images (the stored form itself:
+test_soft_labels_exact.py; several processes: test_soft_labels_ddp.py)."""
 
 from __future__ import annotations
 
@@ -17,68 +18,13 @@ from torchvision.transforms.v2 import functional as F
 from wsld.cli import main
 from wsld.config import load_config
 from wsld.data import build_datasets
-from wsld.losses.kd import kd
-from wsld.losses.wsld import wsld
 from wsld.data.sampling import sample_seed
-from wsld.soft_labels import (
-    COMPLETE_KEY, ReplayDataset, SoftLabelStore, crop_params, image_key, teacher_logits_from_stored,
-)  # fmt: skip
+from wsld.soft_labels.crops import crop_params
+from wsld.soft_labels.replay import ReplayDataset
+from wsld.soft_labels.store import COMPLETE_KEY, SoftLabelStore, image_key
 
 DIGITS = ["data.dataset=digits", "data.batch_size=128", "data.workers=0", "train.progress=false",
           "teacher_train.epochs=1", "train.log_every=1"]  # fmt: skip
-
-
-def _stored_form(z: torch.Tensor, y: torch.Tensor, k: int, dtype=torch.float32):
-    """What the store holds for logits ``z`` (as ``wsld soft-labels`` computes it)."""
-    lse = torch.logsumexp(z, dim=1)
-    val, idx = z.topk(k, dim=1)
-    tail = torch.logsumexp(z.scatter(1, idx, float("-inf")).scatter(1, y[:, None], float("-inf")), dim=1)
-    return (val - lse[:, None]).to(dtype), idx, lse, z.gather(1, y[:, None])[:, 0], tail
-
-
-def test_rebuilt_logits_are_exact_when_k_is_all_classes():
-    g = torch.Generator().manual_seed(0)
-    z = torch.randn(64, 10, generator=g) * 4
-    y = torch.randint(0, 10, (64,), generator=g)
-    s = torch.randn(64, 10, generator=g) * 3
-    rebuilt = teacher_logits_from_stored(*_stored_form(z, y, 10), y, 10)
-    assert torch.isfinite(rebuilt).all()
-    assert torch.allclose(rebuilt, z, atol=1e-5)
-    for fn in (wsld, kd):
-        a, pa = fn(s, z, y, T=4.0, alpha=0.9)
-        b, pb = fn(s, rebuilt, y, T=4.0, alpha=0.9)
-        assert torch.allclose(a, b, rtol=1e-6, atol=1e-6)
-        assert torch.allclose(pa["weight_mean"], pb["weight_mean"], rtol=1e-6)
-
-
-@pytest.mark.parametrize("dtype,k", [(torch.float32, 5), (torch.float16, 5), (torch.float16, 1)])
-def test_top_k_keeps_the_tail_mass_and_the_teacher_ce(dtype, k):
-    g = torch.Generator().manual_seed(1)
-    C = 100
-    z = torch.randn(32, C, generator=g) * 3
-    y = torch.randint(0, C, (32,), generator=g)
-    y[:8] = z[:8].argmax(1)  # some targets among the stored classes
-    lp, idx, lse, zy, tail_lse = _stored_form(z, y, k, dtype)
-    r = teacher_logits_from_stored(lp, idx, lse, zy, tail_lse, y, C)
-    rows = torch.arange(32)
-    # exact (to float32) whatever the precision: log-sum-exp at T = 1, the true class's logit, hence
-    # CE_teacher(y) and the WSLD weight, and the unstored classes' total probability
-    assert torch.allclose(torch.logsumexp(r, 1), lse, atol=1e-5)
-    assert torch.allclose(r[rows, y], zy)
-    ce_t = torch.nn.functional.cross_entropy(r, y, reduction="none")
-    assert torch.allclose(ce_t, lse - zy, atol=1e-5)
-    known = torch.zeros(32, C, dtype=torch.bool).scatter_(1, idx, True)
-    known[rows, y] = True
-    p, p_true = torch.softmax(r, 1), torch.softmax(z, 1)
-    assert torch.allclose(p.masked_fill(known, 0).sum(1), p_true.masked_fill(known, 0).sum(1), rtol=1e-4, atol=1e-7)
-    # the stored top-k probabilities as stored (float16: to its rounding)
-    tol = 1e-6 if dtype == torch.float32 else 2e-3
-    assert torch.allclose(p.gather(1, idx), p_true.gather(1, idx), atol=tol)
-    # the unstored classes share their mass equally
-    tail = r.masked_fill(known, float("nan"))
-    assert torch.allclose(torch.nanquantile(tail, 0.0, dim=1), torch.nanquantile(tail, 1.0, dim=1))
-    for fn in (wsld, kd):  # finite losses (no -inf logits)
-        assert torch.isfinite(fn(torch.randn(32, C), r, y, T=4.0, alpha=0.9)[0])
 
 
 @pytest.fixture(scope="module")
@@ -260,22 +206,25 @@ def test_photo_folder_store_skips_corrupt_images(image_tree, tmp_path, capsys): 
 
 
 def test_engine_batches_carry_the_teachers_outputs_for_another_run_seed(digits_runs, tmp_path):
-    """Through the engine's own loader: a run seeded 1 on a store made with seed 0, in epoch 3
+    """Through the trainer's own loader: a run seeded 1 on a store made with seed 0, in epoch 3
     (crop 3 mod 2 = 1), gets exactly the teacher's logits on the images it trains on."""
-    from wsld.engine import Trainer, set_teacher_bn_mode, setup_runtime
     from wsld.models import build_model
+    from wsld.run import build_trainer
+    from wsld.runtime import setup_runtime
+    from wsld.teachers.live import set_teacher_bn_mode
+    from wsld.teachers.stored import StoredTeacher
 
     _, common, store = digits_runs
     cfg = load_config(None, common + ["train.seed=1", "train.epochs=4", f"distill.soft_labels={store}"])
-    trainer = Trainer(cfg, tmp_path / "run", setup_runtime("cpu"))
+    trainer = build_trainer(cfg, tmp_path / "run", setup_runtime("cpu"))
     trainer.setup()
-    assert trainer.teacher is None
+    assert isinstance(trainer.teacher, StoredTeacher) and trainer.teacher.model is None
     teacher = build_model(cfg.model.teacher, 10, in_channels=1, weights=SoftLabelStore(store).meta["teacher_weights"])
     set_teacher_bn_mode(teacher, "eval")
     trainer.train_sampler.set_epoch(3)
-    images, targets, bad, extra = next(iter(trainer.train_loader))
-    x = trainer.normalize(images)
+    batch = next(iter(trainer.train_loader))
+    x = trainer.normalize(batch.images)
     with torch.no_grad():
         online = teacher(x)
-    assert torch.allclose(trainer.ctx.teacher_logits_fn(x, extra), online, atol=1e-4)
-    assert torch.equal(extra["target"], targets) and not bad
+    assert torch.allclose(trainer.teacher.logits(x, batch), online, atol=1e-4)
+    assert len(batch.teacher_records["lse"]) == len(batch) and not batch.corrupt

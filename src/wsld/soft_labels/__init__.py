@@ -1,0 +1,1 @@
+"""Offline teacher soft labels with crop replay (Fast Knowledge Distillation, Shen & Xing, ECCV 2022)."""
