@@ -44,6 +44,9 @@ class DataConfig:
     augment: bool = True  # built-in data: random crop (pad 2) + flip; photos: RandomResizedCrop
     color_jitter: float = 0.0  # reference tool's optional ColorJitter(0.4, 0.4, 0.4) -> 0.4
     fast_decode: bool = True  # JPEG DCT-domain downscaling before the crop is resized
+    # photos: where JPEGs are decoded and cropped: cpu (loader workers) | gpu (the training device, nvJPEG;
+    # workers only read bytes and draw the crop boxes) | auto (gpu on CUDA when the data holds JPEGs)
+    decode: str = "cpu"
     mean: Optional[list[float]] = None  # None: the dataset's own statistics
     std: Optional[list[float]] = None
     long_tail_ratio: float = 1.0  # > 1: exponentially imbalanced train split, n_max / n_min
@@ -287,6 +290,7 @@ def validate(cfg: Config) -> None:
     cfg.distill.params = LOSSES[cfg.distill.loss].check_params(cfg.distill.params)
     _choice("data.format", cfg.data.format, {"builtin", "folder", "list", "lmdb"})
     _choice("data.on_corrupt", cfg.data.on_corrupt, {"skip", "stop"})
+    _choice("data.decode", cfg.data.decode, {"cpu", "gpu", "auto"})
     _choice("model.teacher_bn_mode", cfg.model.teacher_bn_mode, {"eval", "train"})
     _choice("train.optimizer", cfg.train.optimizer, {"sgd", "adamw"})
     _choice("train.schedule", cfg.train.schedule, {"cosine", "step", "multistep", "constant"})

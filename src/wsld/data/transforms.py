@@ -146,6 +146,16 @@ class TrainTransform:
         self._view = ValTransform(self.size, self.size, fast_decode) if crop == "padded" else None
         self.pad_crop = PadCropFlip(self.padding, hflip)
 
+    def crop_box(self, width: int, height: int, seed: Optional[int]) -> tuple[int, int, int, int, bool]:
+        """``(top, left, h, w, flip)`` of the ``resized`` crop this transform takes of a ``width`` x ``height``
+        image under ``seed``, without decoding it (the GPU decode path crops on the device)."""
+        return self._draw_box(width, height, _generator(seed))
+
+    def _draw_box(self, width: int, height: int, g: torch.Generator) -> tuple[int, int, int, int, bool]:
+        top, left, h, w = random_resized_crop_params(width, height, self.scale, g)
+        flip = self.hflip and torch.rand(1, generator=g).item() < 0.5  # drawn before any jitter, as torchvision
+        return top, left, h, w, bool(flip)
+
     def __call__(self, img: EncodedImage, seed: Optional[int] = None) -> Tensor:
         """``img``'s header is read, its pixels not yet decoded; returns uint8 (3, size, size)."""
         g = _generator(seed)
@@ -154,7 +164,7 @@ class TrainTransform:
             if self.jitter is not None:
                 out = self.jitter(out, g)
             return out.contiguous()
-        top, left, h, w = random_resized_crop_params(img.width, img.height, self.scale, g)
+        top, left, h, w, flip = self._draw_box(img.width, img.height, g)
         need_w = need_h = 0
         if self.fast_decode:  # decoded size such that the crop keeps >= `size` pixels on both sides
             need_w, need_h = math.ceil(img.width * self.size / w), math.ceil(img.height * self.size / h)
@@ -166,7 +176,7 @@ class TrainTransform:
         else:
             x0, y0, x1, y1 = left, top, left + w, top + h
         out = resize_uint8(t[:, y0:y1, x0:x1], (self.size, self.size))
-        if self.hflip and torch.rand(1, generator=g).item() < 0.5:
+        if flip:
             out = out.flip(-1)
         if self.jitter is not None:
             out = self.jitter(out, g)
@@ -181,11 +191,14 @@ class ValTransform:
         self.resize = int(resize)
         self.fast_decode = fast_decode
 
-    def __call__(self, img: EncodedImage, seed: Optional[int] = None) -> Tensor:
-        w0, h0 = img.width, img.height
-        short, long = (w0, h0) if w0 <= h0 else (h0, w0)
+    def resized_shape(self, width: int, height: int) -> tuple[int, int]:
+        """``(h, w)`` of a ``width`` x ``height`` image after Resize(resize) on its shorter side."""
+        short, long = (width, height) if width <= height else (height, width)
         new_long = int(self.resize * long / short)  # torchvision's rounding for Resize(int)
-        new_w, new_h = (self.resize, new_long) if w0 <= h0 else (new_long, self.resize)
+        return (new_long, self.resize) if width <= height else (self.resize, new_long)
+
+    def __call__(self, img: EncodedImage, seed: Optional[int] = None) -> Tensor:
+        new_h, new_w = self.resized_shape(img.width, img.height)
         t, _ = decoded_chw(img, new_w, new_h) if self.fast_decode else decoded_chw(img)
         t = resize_uint8(t, (new_h, new_w))
         if (new_w, new_h) != (self.size, self.size):
