@@ -1,3 +1,5 @@
+"""``python -m wsld``: the same command line as the ``wsld`` script."""
+
 from wsld.cli import main
 
 if __name__ == "__main__":
