@@ -84,6 +84,7 @@ def test_flat_val_and_missing_root(tmp_path):
 )
 def test_bad_list_lines_name_the_line(tmp_path, line, match):
     (tmp_path / "classes.txt").write_text("Zebra\napple\nn01\n")
+    (tmp_path / "train").mkdir()
     (tmp_path / "train_list.txt").write_text(f"Zebra/z2.jpg\t0\n{line}\n")
     with pytest.raises(DataError, match=match) as e:
         read_list(tmp_path / "train_list.txt")
@@ -92,6 +93,7 @@ def test_bad_list_lines_name_the_line(tmp_path, line, match):
 
 def test_list_accepts_spaces_and_space_separator(tmp_path):
     (tmp_path / "classes.txt").write_text("a\nb\n")
+    (tmp_path / "train").mkdir()
     (tmp_path / "train_list.txt").write_text("a/x y.jpg 1\nb/../b/z.jpg\t0\n")
     lst = read_list(tmp_path / "train_list.txt")
     assert lst.paths == ["a/x y.jpg", "b/../b/z.jpg"] and lst.labels == [1, 0]

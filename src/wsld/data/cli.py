@@ -41,7 +41,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description="Scan ROOT/<split>/<class>/ for images and write DIR/<split>_list.txt (one 'path<TAB>label' line "
         "per image, path relative to the split folder, sorted as torchvision's ImageFolder) and DIR/classes.txt "
         "(line number = label). Files are replaced, never appended to. Hidden files are skipped; non-image files "
-        "are reported and skipped; an empty or missing class folder in any split is an error. "
+        "are reported and skipped; an empty or missing class folder in any split is an error, and so is a name "
+        "holding a control character (TAB, newline), a symlink leading outside ROOT, or an image name that is not "
+        "a regular file (FIFO, device). "
         "Use with data.format=list and data.data_path=DIR.",
     )
     lp.add_argument("root", metavar="ROOT", help="dataset root holding split folders such as train/ and val/")
@@ -56,7 +58,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="pack one split into an LMDB (original bytes, resumable)",
         description="Pack ROOT/<split> into one LMDB folder, storing each image file's original bytes (no "
         "decode/re-encode unless --resize-short), its label and a metadata record. An interrupted pack (Ctrl-C, "
-        "kill -9) resumes when the same command is run again; training refuses an unfinished LMDB. "
+        "kill -9) resumes when the same command is run again; training refuses an unfinished LMDB. A complete "
+        "LMDB of another split, list or options is never replaced without --overwrite. "
         "Train from it with data.format=lmdb and data.data_path=the folder holding the <split> LMDB folders "
         "(ROOT/lmdb by default).",
     )
@@ -74,7 +77,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                     help="JPEG quality for --resize-short re-encoding (default: %(default)s)")
     pp.add_argument("--list", dest="list_file", metavar="FILE",
                     help="pack the images of this list file (e.g. a subset made by editing ROOT/train_list.txt; "
-                    "classes.txt beside it) instead of scanning ROOT/<split>")
+                    "classes.txt beside it; any file name, the images are read from <its root>/SPLIT) instead of "
+                    "scanning ROOT/<split>")
     pp.add_argument("--overwrite", action="store_true",
                     help="pack from scratch even if PATH holds a complete or foreign LMDB")
     pp.add_argument("--no-progress", action="store_true", help="no progress bar")

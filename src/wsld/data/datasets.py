@@ -15,6 +15,7 @@ A bad image is never replaced by another sample, which would pair an image with 
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Callable, NamedTuple, Union
 
@@ -23,9 +24,18 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from wsld.data.files import read_image_file, real_root
 from wsld.data.images import EncodedImage, ImageDecodeError
 from wsld.data.lists import CLASSES_FILE, LIST_SUFFIX, read_list, scan_dataset
-from wsld.data.lmdb_reader import LmdbIndex, LmdbReader, RecordError, is_lmdb_dir, open_lmdb_index
+from wsld.data.lmdb_reader import (
+    LmdbIndex,
+    LmdbReader,
+    RecordError,
+    folder_order_mismatch,
+    is_lmdb_dir,
+    join_stored_labels,
+    open_lmdb_index,
+)
 from wsld.data.sampling import split_key
 from wsld.data.strtable import StringTable
 from wsld.data.transforms import TrainTransform, ValTransform
@@ -58,10 +68,12 @@ def collate_skip_corrupt(batch: list) -> tuple[Tensor, Tensor, list[CorruptSampl
 
 
 class FileSource:
-    """Images as files under ``split_dir`` (folder and list formats)."""
+    """Images as files under ``split_dir`` (folder and list formats), read only if they are regular
+    files inside the dataset root ``split_dir/..`` (else ``UnsafeFileError``, a corrupt sample)."""
 
     def __init__(self, split_dir: Path, paths: list[str], labels: list[int], classes: list[str]):
         self.split_dir = Path(split_dir)
+        self.root = real_root(self.split_dir.parent)
         self.paths = StringTable(paths)
         self.labels = np.asarray(labels, dtype=np.int64)
         self.classes = list(classes)
@@ -70,7 +82,7 @@ class FileSource:
         return len(self.paths)
 
     def read(self, i: int) -> bytes:
-        return (self.split_dir / self.paths[i]).read_bytes()
+        return read_image_file(self.split_dir / self.paths[i], self.root)
 
     def describe(self, i: int) -> str:
         return str(self.split_dir / self.paths[i])
@@ -165,6 +177,30 @@ def lmdb_split_path(root: Path, split: str) -> Path:
     return path
 
 
+def _warn(msg: str) -> None:
+    print(f"[wsld] warning: {msg}", file=sys.stderr, flush=True)
+
+
+def _warn_reference(index: LmdbIndex) -> None:
+    """Say what reading a reference-tool LMDB changes: repeated datalist lines dropped, labels
+    taken from the sorted folders instead of the stored ones."""
+    if index.kind != "reference":
+        return
+    for note in index.notes:
+        _warn(note)
+    if index.stored_labels is not None:
+        return
+    n, differ = folder_order_mismatch(index)
+    if differ:
+        folder, stored, label = differ[0]
+        _warn(
+            f"{index.path}: {n} of {len(index)} samples ({len(differ)} of {len(index.classes)} class folders, e.g. "
+            f"'{folder}' stored as {stored}, sorted order {label}) are stored with another label than the sorted "
+            "class-folder order wsld trains with (torchvision's pretrained teachers' order); set "
+            "data.reference_labels=stored to keep the stored labels"
+        )
+
+
 def build_sources(cfg) -> tuple[Source, Source]:
     """Train and val sources for ``data.format`` folder | list | lmdb."""
     if not cfg.data_path:
@@ -187,10 +223,17 @@ def build_sources(cfg) -> tuple[Source, Source]:
     if cfg.format == "lmdb":
         mode = getattr(cfg, "reference_labels", "folders")
         idx = [open_lmdb_index(lmdb_split_path(root, s), require_complete=True, reference_labels=mode) for s in splits]
+        for index in {i.path: i for i in idx}.values():  # the same LMDB for train and val is reported once
+            _warn_reference(index)
+        if all(i.kind == "reference" and i.stored_labels is not None for i in idx):
+            idx[0].classes = idx[1].classes = join_stored_labels(idx[0], idx[1])
         if idx[0].classes != idx[1].classes:
+            only = sorted(set(idx[0].classes) ^ set(idx[1].classes))
+            which = f"class '{only[0]}' is in only one of them" if only else "the same classes in another order"
             raise DataError(
                 f"LMDBs {idx[0].path} and {idx[1].path} have different class lists "
-                f"({len(idx[0].classes)} vs {len(idx[1].classes)} classes): pack both from the same dataset root"
+                f"({len(idx[0].classes)} vs {len(idx[1].classes)} classes; {which}): pack both from the same "
+                "dataset root"
             )
         return LmdbSource(idx[0]), LmdbSource(idx[1])
     raise DataError(f"config key 'data.format': '{cfg.format}' is not one of folder, list, lmdb")

@@ -14,18 +14,23 @@ List file format (UTF-8, one image per line, written by ``wsld data list``)::
 Leading lines starting with ``# `` are a header; ``# root:`` gives the dataset root relative to
 the list's folder (``.`` when the list sits in the root), and images live in ``root/<split>/``.
 Readers also accept a space before the label. Paths are ``/``-separated, relative, and may hold
-spaces or any Unicode character.
+spaces or any Unicode character except control characters (TAB, LF, CR...): names holding one are
+refused when listing, and lines holding one when reading, since they would name another image.
+Listing also refuses symlinks leading outside the dataset root and image names that are not
+regular files (FIFOs, devices); see ``files``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import stat
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
+from wsld.data.files import control_character, file_kind, is_inside, real_root
 from wsld.data.images import is_hidden, is_image_name
 from wsld.errors import DataError
 
@@ -111,25 +116,24 @@ def find_classes(root: str | Path, splits: Sequence[str]) -> list[str]:
 
 
 def scan_split(root: str | Path, split: str, classes: Sequence[str]) -> ImageList:
-    """Walk ``root/split/<class>/`` in ImageFolder's order; hidden files skipped, non-images recorded."""
+    """Walk ``root/split/<class>/`` in ImageFolder's order; hidden files skipped, non-images recorded.
+
+    Refused with a DataError naming the path: a symlink loop, a symlink leading outside ``root``,
+    an image name that is not a regular file (FIFO, device, socket), a name with a control character.
+    """
     split_dir = Path(root) / split
+    boundary = real_root(root)
     out = ImageList(split, split_dir, list(classes))
     empty = []
     for label, cls in enumerate(classes):
-        cls_dir = split_dir / cls
-        walked = []
-        chains = {str(cls_dir): (os.path.realpath(cls_dir),)}  # real folders from the class folder down
-        for dirpath, dirnames, filenames in os.walk(cls_dir, followlinks=True, onerror=_raise_walk_error):
-            dirnames[:] = [d for d in dirnames if not is_hidden(d)]
-            for d in dirnames:
-                _refuse_symlink_loop(dirpath, d, chains, split_dir)
-            walked.append((dirpath, filenames))
+        cls_dir = str(split_dir / cls)
+        _refuse_control(cls_dir, split_dir)
+        real = os.path.realpath(cls_dir)
+        _refuse_outside(cls_dir, real, boundary, split_dir)
         n_before = len(out.paths)
-        for dirpath, filenames in sorted(walked):
+        for dirpath, files in sorted(_walk(cls_dir, real, boundary, split_dir)):
             rel_dir = os.path.relpath(dirpath, split_dir).replace(os.sep, "/")
-            for name in sorted(filenames):
-                if is_hidden(name):
-                    continue
+            for name in files:
                 rel = f"{rel_dir}/{name}"
                 if is_image_name(name):
                     out.paths.append(rel)
@@ -145,20 +149,74 @@ def scan_split(root: str | Path, split: str, classes: Sequence[str]) -> ImageLis
     return out
 
 
-def _refuse_symlink_loop(dirpath: str, name: str, chains: dict, split_dir: Path) -> None:
-    """A linked folder that leads back to one of its own ancestors would be walked until the OS
-    gives up, listing the images of every folder on the way (other classes too) under this label."""
-    child = os.path.join(dirpath, name)
-    real = os.path.realpath(child)
-    chain = chains[dirpath]
-    if os.path.islink(child) and any(r == real or r.startswith(real.rstrip(os.sep) + os.sep) for r in chain):
-        rel = os.path.relpath(child, split_dir.parent)
-        raise DataError(f"symlink loop: {rel} points to {real}, a folder above it; remove the link")
-    chains[child] = chain + (real,)
+def _walk(top: str, top_real: str, boundary: str, split_dir: Path) -> list[tuple[str, list[str]]]:
+    """``(folder, sorted visible file names)`` for ``top`` and every visible folder below it.
+
+    ``os.walk(followlinks=True)`` with the entry types kept: each name is checked from the type
+    ``scandir`` already read, so only symlinks cost an extra system call.
+    """
+    found = []
+    pending = [(top, (top_real,))]  # a folder and the real folders from the class folder down to it
+    while pending:
+        folder, chain = pending.pop()
+        try:
+            with os.scandir(folder) as it:
+                entries = [e for e in it if not is_hidden(e.name)]
+        except OSError as e:
+            raise DataError(f"cannot read folder {folder}: {e.strerror or e}") from None
+        files = []
+        for e in sorted(entries, key=lambda e: e.name):
+            if e.is_dir():
+                _refuse_control(e.path, split_dir)
+                if e.is_symlink():
+                    real = os.path.realpath(e.path)
+                    if any(is_inside(r, real) for r in chain):  # walked until the OS gives up, other classes too
+                        raise DataError(f"symlink loop: {_where(e.path, split_dir)} points to {real}, a folder above "
+                                        "it; remove the link")
+                    _refuse_outside(e.path, real, boundary, split_dir)
+                else:
+                    real = os.path.join(chain[-1], e.name)
+                pending.append((e.path, chain + (real,)))
+                continue
+            if is_image_name(e.name):
+                _refuse_control(e.path, split_dir)
+                _refuse_special(e, boundary, split_dir)
+            files.append(e.name)
+        found.append((folder, files))
+    return found
 
 
-def _raise_walk_error(e: OSError) -> None:
-    raise DataError(f"cannot read folder {e.filename}: {e.strerror or e}")
+def _where(path: str, split_dir: Path) -> str:
+    return os.path.relpath(path, split_dir.parent)
+
+
+def _refuse_control(path: str, split_dir: Path) -> None:
+    """A TAB or newline in a name would make a list line name two images, or none."""
+    char = control_character(os.path.basename(path))
+    if char:
+        raise DataError(f"{_where(path, split_dir)!r}: the name holds a control character ({char}), which lists "
+                        "cannot hold; rename it")
+
+
+def _refuse_outside(path: str, real: str, boundary: str, split_dir: Path) -> None:
+    if not is_inside(real, boundary):
+        raise DataError(f"symlink {_where(path, split_dir)} leads outside the dataset root {boundary} (to {real}): "
+                        "wsld reads only files inside the root; copy the files in, or remove the link")
+
+
+def _refuse_special(entry: os.DirEntry, boundary: str, split_dir: Path) -> None:
+    """An image name must be a regular file inside the root (a FIFO would block every reader)."""
+    if entry.is_symlink():
+        real = os.path.realpath(entry.path)
+        _refuse_outside(entry.path, real, boundary, split_dir)
+        try:
+            mode = os.lstat(real).st_mode
+        except OSError:
+            return  # a dangling link: listed, then reported as unreadable like any missing file
+    else:
+        mode = entry.stat(follow_symlinks=False).st_mode
+    if not stat.S_ISREG(mode):
+        raise DataError(f"{_where(entry.path, split_dir)} is {file_kind(mode)}, not an image file: remove it")
 
 
 def scan_dataset(root: str | Path, splits: Optional[Sequence[str]] = None) -> dict[str, ImageList]:
@@ -226,12 +284,14 @@ def _chain(*parts):
 def read_classes(path: str | Path) -> list[str]:
     path = Path(path)
     try:
-        with open(path, **_ENC) as f:
-            names = [line.rstrip("\r\n") for line in f]
+        with open(path, newline="\n", **_ENC) as f:
+            names = [_line_text(line) for line in f]
     except FileNotFoundError:
         raise DataError(f"class list not found: {path} (run 'wsld data list ROOT' to write it)") from None
     except OSError as e:
         raise DataError(f"cannot read {path}: {e.strerror or e}") from None
+    for i, n in enumerate(names):
+        _refuse_control_line(n, f"{path}:{i + 1}")
     while names and not names[-1].strip():
         names.pop()
     for i, n in enumerate(names):
@@ -252,23 +312,26 @@ def split_of_list(path: Path) -> str:
     return name[: -len(LIST_SUFFIX)] if name.endswith(LIST_SUFFIX) else path.stem
 
 
-def read_list(list_path: str | Path, classes_path: str | Path | None = None) -> ImageList:
+def read_list(list_path: str | Path, classes_path: str | Path | None = None, split: Optional[str] = None) -> ImageList:
     """Read a list file (see module doc) with the ``classes.txt`` beside it; every line is checked.
 
-    A line with a bad label (not an integer, or outside ``0..len(classes)-1``), an absolute path, or
-    a path leading outside the dataset root is a DataError naming ``file:line``.
+    Images live in ``<root>/<split>/``, ``split`` taken from the name ``<split>_list.txt`` unless
+    given. A line with a bad label (not an integer, or outside ``0..len(classes)-1``), an absolute
+    path, a path leading outside the dataset root, or a control character that ``write_lists``
+    never writes (a file name holding a TAB or a newline would name another image) is a DataError
+    naming ``file:line``; so is a missing split folder.
     """
     list_path = Path(os.path.expanduser(str(list_path)))
     if not list_path.is_file():
         raise DataError(f"list file not found: {list_path} (run 'wsld data list ROOT' to write it)")
     classes = read_classes(classes_path or list_path.parent / CLASSES_FILE)
-    split = split_of_list(list_path)
+    split = split or split_of_list(list_path)
     root = list_path.parent
     paths: list[str] = []
     labels: list[int] = []
     n_classes = len(classes)
     try:
-        f = open(list_path, **_ENC)
+        f = open(list_path, newline="\n", **_ENC)  # only LF ends a line: a CR inside a name is refused, not split on
     except FileNotFoundError:
         raise DataError(f"list file not found: {list_path} (run 'wsld data list ROOT' to write it)") from None
     except OSError as e:
@@ -276,7 +339,7 @@ def read_list(list_path: str | Path, classes_path: str | Path | None = None) -> 
     with f:
         in_header = True
         for lineno, raw in enumerate(f, 1):
-            line = raw.rstrip("\r\n")
+            line = _line_text(raw)
             if in_header and line.startswith("# "):
                 if line.startswith(_ROOT_PREFIX):
                     root = list_path.parent / line[len(_ROOT_PREFIX):]
@@ -290,6 +353,7 @@ def read_list(list_path: str | Path, classes_path: str | Path | None = None) -> 
             sep = "\t" if "\t" in line else " "
             parts = line.rsplit(sep, 1)
             where = f"{list_path}:{lineno}"
+            _refuse_control_line("".join(parts), where)
             if len(parts) != 2 or not parts[0]:
                 raise DataError(f"{where}: expected 'path<TAB>label', got '{line[:80]}'")
             rel, lab = (parts[0] if sep == "\t" else parts[0].rstrip()), parts[1].strip()
@@ -303,7 +367,24 @@ def read_list(list_path: str | Path, classes_path: str | Path | None = None) -> 
                 raise DataError(f"{where}: path '{rel}' points outside the dataset root {root_s}")
             paths.append(rel)
             labels.append(y)
-    return ImageList(split, Path(os.path.normpath(root)) / split, classes, paths, labels)
+    split_dir = Path(os.path.normpath(root)) / split
+    if not split_dir.is_dir():
+        raise DataError(f"{list_path}: its images would be in {split_dir}, which is not a folder (a list's images live "
+                        "in <root>/<split>/, <root> from its '# root:' line, <split> from its name <split>_list.txt)")
+    return ImageList(split, split_dir, classes, paths, labels)
+
+
+def _line_text(raw: str) -> str:
+    """A line without its LF, or CR LF (a list edited on Windows)."""
+    line = raw[:-1] if raw.endswith("\n") else raw
+    return line[:-1] if line.endswith("\r") else line
+
+
+def _refuse_control_line(text: str, where: str) -> None:
+    char = control_character(text)
+    if char:
+        raise DataError(f"{where}: control character {char} in the line, which 'wsld data list' never writes (a file "
+                        "name holding a TAB or newline would name another image); fix the line or rename the file")
 
 
 def _escapes(rel: str, split_dir: str, root: str) -> bool:

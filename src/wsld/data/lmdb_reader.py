@@ -211,13 +211,18 @@ def _wsld_index(path: Path, txn, meta: dict, require_complete: bool) -> LmdbInde
     return LmdbIndex(path, "wsld", list(meta["classes"]), labels, meta=meta, complete=complete)
 
 
-def _read_datalist(path: Path) -> list[str]:
+def read_datalist(path: Path) -> tuple[list[str], int]:
+    """The distinct non-empty lines of a reference ``<split>_datalist`` in first-seen order, and how
+    many repeats were dropped: the reference list maker appended, so a re-run listed every image
+    twice, and each key names one LMDB record however often it is listed."""
     try:
         with open(path, encoding="utf-8", errors="surrogateescape") as f:
             lines = [line.rstrip("\r\n") for line in f]
     except OSError as e:
         raise DataError(f"cannot read {path}: {e.strerror or e}") from None
-    return [line for line in lines if line.strip()]
+    lines = [line for line in lines if line.strip()]
+    distinct = list(dict.fromkeys(lines))
+    return distinct, len(lines) - len(distinct)
 
 
 def read_stored_labels(env: lmdb.Environment, keys: StringTable) -> tuple[np.ndarray, list[int]]:
@@ -247,12 +252,15 @@ def _reference_index(path: Path, env: lmdb.Environment, reference_labels: str) -
         )
     if reference_labels not in ("folders", "stored"):
         raise DataError(f"config key 'data.reference_labels': '{reference_labels}' is not one of folders, stored")
-    lines = _read_datalist(datalist)
+    lines, repeats = read_datalist(datalist)
     if not lines:
         raise DataError(f"{datalist} is empty")
     keys = StringTable(lines)
-    folders = [line.split("/", 1)[0] if "/" in line else None for line in lines]
+    folders = datalist_folders(lines)
     notes = []
+    if repeats:
+        notes.append(f"{datalist} lists {repeats} image(s) more than once (the reference tool's list maker appends "
+                     f"when re-run); each of its {len(lines)} distinct images is read once")
     mode = reference_labels
     if mode == "folders" and any(f is None for f in folders):
         notes.append(f"{datalist.name} has lines without a class folder: using the labels stored in the values")
@@ -271,8 +279,66 @@ def _reference_index(path: Path, env: lmdb.Environment, reference_labels: str) -
             )
         labels = stored
         classes = names_for_stored_labels(stored, folders)
-    return LmdbIndex(path, "reference", classes, labels, keys=keys, meta={"datalist": str(datalist)},
-                     stored_labels=stored, notes=notes)
+    return LmdbIndex(path, "reference", classes, labels, keys=keys,
+                     meta={"datalist": str(datalist), "datalist_repeats": repeats}, stored_labels=stored, notes=notes)
+
+
+def datalist_folders(lines: list[str]) -> list[Optional[str]]:
+    """The class folder of each datalist line (``classfolder/filename``), None for a line without one."""
+    return [line.split("/", 1)[0] if "/" in line else None for line in lines]
+
+
+def folder_order_mismatch(index: LmdbIndex) -> tuple[int, list[tuple[str, int, int]]]:
+    """Reference LMDB labelled by sorted folders: the samples whose stored label differs, and
+    ``(folder, stored, sorted)`` per differing class folder.
+
+    Judged from each class folder's first sample (one value read per class, not one per image:
+    the reference packer gave all images of a folder its folder's label).
+    """
+    first = np.unique(index.labels, return_index=True)[1]
+    sizes = np.bincount(index.labels, minlength=len(index.classes))
+    differ, n = [], 0
+    with shared_env(index.path).begin(buffers=True) as txn:
+        for i in first.tolist():
+            v = txn.get(index.key(i))
+            if v is None or len(v) < 3:
+                continue  # a missing record: training reports it as corrupt
+            stored, label = int.from_bytes(bytes(v[-2:]), "little"), int(index.labels[i])
+            if stored != label:
+                differ.append((index.classes[label], stored, label))
+                n += int(sizes[label])
+    return n, differ
+
+
+def join_stored_labels(a: LmdbIndex, b: LmdbIndex) -> list[str]:
+    """Class names for two reference LMDBs read with their stored labels (train and val).
+
+    Each split may list its images in any order; what must agree is the label each class folder
+    is stored with. A folder stored under different labels in the two splits is a DataError naming
+    it (the reference tool labelled each split in its own directory-listing order).
+    """
+    per_split = []
+    for idx in (a, b):
+        folders = datalist_folders(list(idx.keys))
+        labels: dict[str, set[int]] = {}
+        for f, y in zip(folders, idx.labels.tolist()):
+            if f is not None:
+                labels.setdefault(f, set()).add(y)
+        per_split.append((folders, labels))
+    (fa, la), (fb, lb) = per_split
+    for folder in sorted(la.keys() & lb.keys()):
+        if la[folder] != lb[folder]:
+            raise DataError(
+                f"class folder '{folder}' is stored as label {_labels(la[folder])} in {a.path} but "
+                f"{_labels(lb[folder])} in {b.path}: the reference tool labelled the two splits in different orders, "
+                "so data.reference_labels=stored cannot use both; use data.reference_labels=folders (sorted folders, "
+                "the same in both splits)"
+            )
+    return names_for_stored_labels(np.concatenate([a.labels, b.labels]), fa + fb)
+
+
+def _labels(ys: set[int]) -> str:
+    return "/".join(str(y) for y in sorted(ys))
 
 
 def names_for_stored_labels(stored: np.ndarray, folders: list[Optional[str]]) -> list[str]:

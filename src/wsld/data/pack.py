@@ -6,7 +6,7 @@ class order, grows ``map_size`` on demand instead of reserving 1 TB, reads files
 with a bounded look-ahead (memory does not grow with the dataset), and commits in transactions of
 about 64 MiB that also record how many samples are done, so a run stopped by Ctrl-C or kill -9
 resumes where its last commit ended. The completion marker is the last write; training refuses an
-LMDB without it.
+LMDB without it. A finished pack is never deleted or replaced without ``overwrite``.
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ import msgpack
 import numpy as np
 
 from wsld.data.images import ImageDecodeError, load_pixels, open_image, to_rgb
-from wsld.data.lists import ImageList, find_classes, present_splits, read_list, scan_split
+from wsld.data.files import read_image_file, real_root
+from wsld.data.lists import LIST_SUFFIX, ImageList, find_classes, present_splits, read_list, scan_split, split_of_list
 from wsld.data.lmdb_reader import (
     COMPLETE_KEY,
     NAME_ERRORS,
@@ -95,8 +96,14 @@ def _remove_lmdb(path: Path) -> None:
         (path / name).unlink(missing_ok=True)
 
 
-def _prepare_output(path: Path, checksum: str, overwrite: bool, log) -> tuple[str, int]:
-    """Decide what to do with what is at ``path``: ("fresh"|"resume"|"complete", samples done)."""
+def _prepare_output(path: Path, split: str, checksum: str, overwrite: bool, log) -> tuple[str, int]:
+    """Decide what to do with what is at ``path``: ("fresh"|"resume"|"complete", samples done).
+
+    A pack is the same when its split and list checksum are (two splits can list the same relative
+    paths and labels). Only an unfinished pack of another list is replaced without ``overwrite``;
+    a complete pack, a foreign LMDB or damaged metadata is refused with the way out. Nothing is
+    touched before the decision, so a refused pack leaves the folder as it was.
+    """
     if path.exists() and not path.is_dir():
         raise DataError(f"--out {path} exists and is not a folder")
     if path.is_dir():
@@ -110,27 +117,34 @@ def _prepare_output(path: Path, checksum: str, overwrite: bool, log) -> tuple[st
     try:
         with env.begin() as txn:
             try:
-                meta = read_meta(txn)
+                meta, damaged = read_meta(txn), False
             except DataError:
-                meta = {"damaged": True}
+                meta, damaged = None, True
             n_entries = txn.stat()["entries"]
             complete = txn.get(COMPLETE_KEY) is not None
             done = int(txn.get(PROGRESS_KEY) or 0)
     finally:
         env.close()
-    if meta is None and n_entries and not overwrite:
-        raise DataError(
-            f"{path} holds an LMDB not written by wsld (a reference-tool pack?); wsld reads it as it is. "
-            "Give another --out, or --overwrite to replace it"
-        )
-    if overwrite or meta is None or meta.get("list_sha256") != checksum:
-        if meta is not None and not overwrite:
-            log(f"{path}: packed from a different image list or options; starting over")
+    keep = "give another --out, or --overwrite to replace it"
+    if overwrite or (meta is None and not damaged and not n_entries):
         _remove_lmdb(path)
         return "fresh", 0
+    if damaged:
+        raise DataError(f"{path} holds a wsld LMDB whose metadata is damaged; {keep}")
+    if meta is None:
+        raise DataError(f"{path} holds an LMDB not written by wsld (a reference-tool pack?); wsld reads it as it is. "
+                        f"{keep}")
+    if meta.get("list_sha256") == checksum and meta.get("split") == split:
+        return ("complete", int(meta["count"])) if complete else ("resume", done)
     if complete:
-        return "complete", int(meta["count"])
-    return "resume", done
+        size = f", --resize-short {meta['resize_short']}" if meta.get("resize_short") else ""
+        raise DataError(
+            f"{path} already holds a complete pack of another image list or options ({meta.get('count')} images of "
+            f"split '{meta.get('split')}' from {meta.get('source')}{size}); {keep}"
+        )
+    log(f"{path}: an unfinished pack of a different image list or options; starting over")
+    _remove_lmdb(path)
+    return "fresh", 0
 
 
 def pack_lmdb(
@@ -149,10 +163,13 @@ def pack_lmdb(
     commit_items: int = COMMIT_ITEMS,
     _on_commit: Callable[[int], None] | None = None,
 ) -> PackResult:
-    """Pack ``root/split`` (or the images of ``list_file``) into the LMDB folder ``out``.
+    """Pack ``root/split`` (or the images of ``list_file``, found in ``<its root>/split``) into ``out``.
 
-    Resumes an interrupted pack of the same image list and options; starts over when the list or
-    options changed. ``_on_commit(n_done)`` is a test hook called after each committed transaction.
+    Resumes an interrupted pack of the same image list and options, and starts an interrupted
+    pack of another list over. A complete pack of another list, an LMDB wsld did not write or
+    damaged metadata is refused (DataError) unless ``overwrite``; so is any input that cannot be
+    packed, before the output is touched. ``_on_commit(n_done)`` is a test hook called after each
+    committed transaction.
     """
     log = log or (lambda msg: print(msg, file=sys.stderr))
     root = Path(os.path.expanduser(str(root)))
@@ -161,12 +178,10 @@ def pack_lmdb(
     if not 1 <= quality <= 100:
         raise DataError(f"--quality must be in 1..100, got {quality}")
     lst = _image_list(root, split, list_file)
-    if not len(lst):
-        raise DataError(f"no images to pack in {lst.split_dir}")
     out_path = Path(os.path.expanduser(str(out))) if out else default_output(root, split, resize_short)
     options = {"resize_short": resize_short, "quality": quality if resize_short else None}
     checksum = hashlib.sha256((lst.checksum() + repr(sorted(options.items()))).encode()).hexdigest()
-    state, done = _prepare_output(out_path, checksum, overwrite, log)
+    state, done = _prepare_output(out_path, lst.split, checksum, overwrite, log)
     n = len(lst)
     if state == "complete":
         log(f"{out_path} is already a complete pack of these {n} images (use --overwrite to pack again)")
@@ -198,10 +213,12 @@ def pack_lmdb(
             except lmdb.MapFullError:  # the aborted transaction is retried in a larger map
                 env.set_mapsize(env.info()["map_size"] * 2)
 
+    boundary = real_root(lst.split_dir.parent)
+
     def load(i: int) -> tuple[int, bytes, str]:
         path = lst.split_dir / lst.paths[i]
         try:
-            data = path.read_bytes()
+            data = read_image_file(path, boundary)
         except OSError as e:
             raise DataError(
                 f"cannot read {path}: {e.strerror or e} (fix or remove it, re-run 'wsld data list' if used, "
@@ -266,15 +283,27 @@ def pack_lmdb(
 
 
 def _image_list(root: Path, split: str, list_file: str | Path | None) -> ImageList:
+    """The images to pack, every input checked before the output is touched."""
     if list_file is not None:
-        return read_list(list_file)
-    if not root.is_dir():
-        raise DataError(f"dataset root not found: {root}")
-    splits = present_splits(root)
-    if split not in splits:
-        if not (root / split).is_dir():
-            raise DataError(f"split folder not found: {root / split}")
-        splits.append(split)
-    classes = find_classes(root, splits)  # labels agree across splits even if only one is packed
-    return scan_split(root, split, classes)
-
+        named = split_of_list(Path(list_file))
+        if Path(list_file).name.endswith(LIST_SUFFIX) and named != split:
+            raise DataError(f"--list {list_file} lists split '{named}' but --split is '{split}': give --split {named}")
+        lst = read_list(list_file, split=split)
+    else:
+        if not root.is_dir():
+            raise DataError(f"dataset root not found: {root}")
+        splits = present_splits(root)
+        if split not in splits:
+            if not (root / split).is_dir():
+                raise DataError(f"split folder not found: {root / split}")
+            splits.append(split)
+        classes = find_classes(root, splits)  # labels agree across splits even if only one is packed
+        lst = scan_split(root, split, classes)
+    if not len(lst):
+        raise DataError(f"no images to pack in {lst.split_dir}")
+    first = lst.split_dir / lst.paths[0]
+    try:
+        read_image_file(first, real_root(lst.split_dir.parent))
+    except OSError as e:
+        raise DataError(f"cannot read {first}, the first image to pack: {e.strerror or e}") from None
+    return lst

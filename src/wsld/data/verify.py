@@ -19,6 +19,7 @@ from typing import Callable, Iterable, Iterator, Optional
 
 import numpy as np
 
+from wsld.data.files import read_image_file, real_root
 from wsld.data.images import check_image
 from wsld.data.lists import ImageList, LIST_SUFFIX, subdirs, present_splits, read_list, scan_dataset, scan_split
 from wsld.data.lmdb_reader import (
@@ -62,13 +63,14 @@ class VerifyReport:
 _Item = tuple[str, int, "Path | bytes | RecordError"]
 
 
-def _check(item: _Item, check_ext: bool = True) -> tuple[str, int, Optional[str], list[str]]:
+def _check(item: _Item, check_ext: bool = True, root: str = "") -> tuple[str, int, Optional[str], list[str]]:
+    """Decode one item; a file is read only as a regular file inside the dataset root ``root``."""
     name, label, src = item
     if isinstance(src, RecordError):
         return name, label, str(src), []
     if isinstance(src, Path):
         try:
-            data = src.read_bytes()
+            data = read_image_file(src, root)
         except OSError as e:
             return name, label, f"unreadable ({e.strerror or e})", []
     else:
@@ -78,7 +80,7 @@ def _check(item: _Item, check_ext: bool = True) -> tuple[str, int, Optional[str]
 
 
 def _run(report: VerifyReport, items: Iterable[_Item], n: int, workers: int, progress: bool,
-         emit: Callable[[str], None], check_ext: bool = True) -> tuple[dict[int, int], dict[int, int]]:
+         emit: Callable[[str], None], check_ext: bool = True, root: str = "") -> tuple[dict[int, int], dict[int, int]]:
     """Check every item; errors and notes go into ``report``; returns per-label (images, unusable)."""
     counts: dict[int, int] = {}
     bad: dict[int, int] = {}
@@ -90,7 +92,8 @@ def _run(report: VerifyReport, items: Iterable[_Item], n: int, workers: int, pro
                    mininterval=0.5, file=sys.stderr)
     say = bar.write if bar is not None else emit
     try:
-        for name, label, error, notes in ordered_map(functools.partial(_check, check_ext=check_ext), items, workers):
+        check = functools.partial(_check, check_ext=check_ext, root=root)
+        for name, label, error, notes in ordered_map(check, items, workers):
             counts[label] = counts.get(label, 0) + 1
             if error:
                 report.errors.append((name, error))
@@ -129,7 +132,8 @@ def verify_image_list(lst: ImageList, title: str, workers: int, progress: bool, 
         report.notes.append((f"{lst.split}/{p}", "not an image file (skipped by wsld data list)"))
         emit(f"NOTE  {lst.split}/{p}: not an image file (skipped by wsld data list)")
     items = ((f"{lst.split}/{p}", y, lst.split_dir / p) for p, y in zip(lst.paths, lst.labels))
-    return _fill_counts(report, *_run(report, items, len(lst), workers, progress, emit))
+    return _fill_counts(report, *_run(report, items, len(lst), workers, progress, emit,
+                                      root=real_root(lst.split_dir.parent)))
 
 
 def _wsld_lmdb_items(index: LmdbIndex, n_written: int) -> Iterator[_Item]:
@@ -200,6 +204,7 @@ def verify_lmdb(path: Path, workers: int, progress: bool, emit) -> VerifyReport:
     names += [str(k) for k in range(len(names), n_labels)]
     report.classes = [f"{k} {names[k]}" if names[k] != str(k) else str(k) for k in range(n_labels)]
     _fill_counts(report, counts, bad)
+    report.remarks.extend(_datalist_remarks(index))
     empty = [k for k in range(n_labels) if not counts.get(k)]
     if empty:
         report.remarks.append(f"{len(empty)} label(s) between 0 and {n_labels - 1} have no images, e.g. {empty[0]}")
@@ -218,6 +223,22 @@ def verify_lmdb(path: Path, workers: int, progress: bool, emit) -> VerifyReport:
         else:
             report.remarks.append("stored labels agree with the sorted class-folder order")
     return report
+
+
+def _datalist_remarks(index: LmdbIndex) -> list[str]:
+    """Datalist lines against LMDB entries: repeated lines (the reference list maker appends on
+    re-run; training reads each image once) and records no line names (never read)."""
+    with shared_env(index.path).begin() as txn:
+        entries = txn.stat()["entries"]
+    repeats = int(index.meta["datalist_repeats"])
+    name = Path(index.meta["datalist"]).name
+    out = []
+    if repeats:
+        out.append(f"{name} has {len(index) + repeats} lines for {entries} LMDB entries: {repeats} line(s) repeat an "
+                   "earlier one (the reference tool's list maker appends when re-run); wsld reads each image once")
+    if entries > len(index):
+        out.append(f"the LMDB holds {entries - len(index)} record(s) that {name} does not list: they are never read")
+    return out
 
 
 def _print_report(report: VerifyReport, emit, counts: bool = True) -> None:
