@@ -24,7 +24,7 @@ from wsld.soft_labels.replay import ReplayDataset
 from wsld.soft_labels.store import COMPLETE_KEY, SoftLabelStore, image_key
 
 DIGITS = ["data.dataset=digits", "data.batch_size=128", "data.workers=0", "train.progress=false",
-          "teacher_train.epochs=1", "train.log_every=1"]  # fmt: skip
+          "teacher_train.epochs=2", "teacher_train.lr=0.2", "train.log_every=1"]  # fmt: skip
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from wsld.data.transforms import PadCropFlip, TrainTransform, random_resized_crop_params
+from wsld.data.transforms import PadCropFlip, TrainTransform
 from wsld.errors import DataError
 
 CropParams = tuple[int, int, int, int, int]  # top, left, height, width, flip
@@ -53,17 +53,16 @@ def tensor_transform_params(transform: Callable, shape: tuple[int, ...]) -> Crop
 
 
 def photo_transform_params(transform: TrainTransform, img: Any, seed: int) -> CropParams:
-    """Box and flip of ``TrainTransform`` (RandomResizedCrop then flip), drawn in its order from the
-    generator it seeds with ``seed``; ``tests/test_soft_labels.py`` checks this against its output."""
-    g = torch.Generator().manual_seed(int(seed))  # what TrainTransform draws from for a seeded sample
+    """Box and flip of ``TrainTransform`` under ``seed``: its own ``crop_box`` draw (RandomResizedCrop,
+    then the flip) or, for ``crop="padded"``, its ``PadCropFlip`` draw from the generator it seeds
+    with ``seed``; ``tests/test_soft_labels.py`` checks both against the transform's output."""
     if transform.crop == "padded":
-        # padded crops: the box is in the coordinates of the Resize + CenterCrop view, offset by the padding
-        top, left, flip = transform.pad_crop.params(g)
+        # the box is in the coordinates of the Resize + CenterCrop view, offset by the padding
+        top, left, flip = transform.pad_crop.params(torch.Generator().manual_seed(int(seed)))
         p, size = transform.padding, transform.size
         return top - p, left - p, int(size), int(size), int(flip)
-    top, left, h, w = random_resized_crop_params(img.width, img.height, transform.scale, g)
-    flip = int(bool(transform.hflip) and torch.rand(1, generator=g).item() < 0.5)
-    return int(top), int(left), int(h), int(w), flip
+    top, left, h, w, flip = transform.crop_box(img.width, img.height, seed)
+    return int(top), int(left), int(h), int(w), int(flip)
 
 
 class RecordingTransform:
