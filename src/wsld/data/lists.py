@@ -213,6 +213,8 @@ def _refuse_special(entry: os.DirEntry, boundary: str, split_dir: Path) -> None:
             mode = os.lstat(real).st_mode
         except OSError:
             return  # a dangling link: listed, then reported as unreadable like any missing file
+    elif entry.is_file(follow_symlinks=False):  # the type scandir read: no system call
+        return
     else:
         mode = entry.stat(follow_symlinks=False).st_mode
     if not stat.S_ISREG(mode):

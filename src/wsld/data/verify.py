@@ -59,18 +59,17 @@ class VerifyReport:
         return not self.errors and not self.fatal
 
 
-# one item to check: (display name, label, file path to read or the bytes, or an error already known)
-_Item = tuple[str, int, "Path | bytes | RecordError"]
+# one item to check: (display name, label, a reader of the file or the bytes, or an error already known)
+_Item = tuple[str, int, "Callable[[], bytes] | bytes | RecordError"]
 
 
-def _check(item: _Item, check_ext: bool = True, root: str = "") -> tuple[str, int, Optional[str], list[str]]:
-    """Decode one item; a file is read only as a regular file inside the dataset root ``root``."""
+def _check(item: _Item, check_ext: bool = True) -> tuple[str, int, Optional[str], list[str]]:
     name, label, src = item
     if isinstance(src, RecordError):
         return name, label, str(src), []
-    if isinstance(src, Path):
+    if callable(src):
         try:
-            data = read_image_file(src, root)
+            data = src()
         except OSError as e:
             return name, label, f"unreadable ({e.strerror or e})", []
     else:
@@ -80,7 +79,7 @@ def _check(item: _Item, check_ext: bool = True, root: str = "") -> tuple[str, in
 
 
 def _run(report: VerifyReport, items: Iterable[_Item], n: int, workers: int, progress: bool,
-         emit: Callable[[str], None], check_ext: bool = True, root: str = "") -> tuple[dict[int, int], dict[int, int]]:
+         emit: Callable[[str], None], check_ext: bool = True) -> tuple[dict[int, int], dict[int, int]]:
     """Check every item; errors and notes go into ``report``; returns per-label (images, unusable)."""
     counts: dict[int, int] = {}
     bad: dict[int, int] = {}
@@ -92,8 +91,7 @@ def _run(report: VerifyReport, items: Iterable[_Item], n: int, workers: int, pro
                    mininterval=0.5, file=sys.stderr)
     say = bar.write if bar is not None else emit
     try:
-        check = functools.partial(_check, check_ext=check_ext, root=root)
-        for name, label, error, notes in ordered_map(check, items, workers):
+        for name, label, error, notes in ordered_map(functools.partial(_check, check_ext=check_ext), items, workers):
             counts[label] = counts.get(label, 0) + 1
             if error:
                 report.errors.append((name, error))
@@ -131,9 +129,10 @@ def verify_image_list(lst: ImageList, title: str, workers: int, progress: bool, 
     for p in lst.skipped:
         report.notes.append((f"{lst.split}/{p}", "not an image file (skipped by wsld data list)"))
         emit(f"NOTE  {lst.split}/{p}: not an image file (skipped by wsld data list)")
-    items = ((f"{lst.split}/{p}", y, lst.split_dir / p) for p, y in zip(lst.paths, lst.labels))
-    return _fill_counts(report, *_run(report, items, len(lst), workers, progress, emit,
-                                      root=real_root(lst.split_dir.parent)))
+    root = real_root(lst.split_dir.parent)  # files are read only as regular files inside it
+    items = ((f"{lst.split}/{p}", y, functools.partial(read_image_file, lst.split_dir / p, root))
+             for p, y in zip(lst.paths, lst.labels))
+    return _fill_counts(report, *_run(report, items, len(lst), workers, progress, emit))
 
 
 def _wsld_lmdb_items(index: LmdbIndex, n_written: int) -> Iterator[_Item]:
