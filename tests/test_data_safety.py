@@ -173,18 +173,23 @@ def _hostile(root: Path, kind: str) -> str:
         target.symlink_to("/etc/passwd")
     elif kind == "zero":
         target.symlink_to("/dev/zero")
-    else:  # a linked folder that leaves the root
+    elif kind == "folder":  # a linked folder that leaves the root
         (root.parent / "outside").mkdir(exist_ok=True)
         (root.parent / "outside" / "x.jpg").write_bytes((root / "train" / "cat" / "0.jpg").read_bytes())
         target = root / "train" / "cat" / "linked"
         target.symlink_to(root.parent / "outside")
+    else:  # the split folder itself lives on another disk
+        shutil.move(root / "train", root.parent / "train_elsewhere")
+        (root / "train").symlink_to(root.parent / "train_elsewhere")
+        return "train"
     return f"train/cat/{target.name}"
 
 
 @pytest.mark.parametrize("kind, expect", [("fifo", "is a FIFO, not an image file"),
                                           ("passwd", "leads outside the dataset root"),
                                           ("zero", "leads outside the dataset root"),
-                                          ("folder", "leads outside the dataset root")])
+                                          ("folder", "leads outside the dataset root"),
+                                          ("split", "symlink train leads outside the dataset root")])
 def test_list_pack_verify_and_train_refuse_links_out_of_the_root_and_fifos(tmp_path, capsys, kind, expect):
     root = small_tree(tmp_path / "ds")
     rel = _hostile(root, kind)

@@ -123,6 +123,7 @@ def scan_split(root: str | Path, split: str, classes: Sequence[str]) -> ImageLis
     """
     split_dir = Path(root) / split
     boundary = real_root(root)
+    _refuse_outside(str(split_dir), os.path.realpath(split_dir), boundary, split_dir)
     out = ImageList(split, split_dir, list(classes))
     empty = []
     for label, cls in enumerate(classes):
