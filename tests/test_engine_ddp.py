@@ -19,7 +19,7 @@ import sys
 import pytest
 from engine_helpers import TINY, comparable, digits_teacher, load_ck, records, run_cli, run_sub, sub_env  # noqa: F401
 
-from wsld.engine.loop import STOP_AFTER_STEPS_ENV
+from wsld.engine.hooks import STOP_AFTER_STEPS_ENV
 
 TOLERANCE = 1e-5
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", "-m", "wsld"]

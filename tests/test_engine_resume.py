@@ -12,7 +12,7 @@ from engine_helpers import (  # noqa: F401  (digits_teacher is a fixture)
     TINY, WSLD, comparable, digits_teacher, load_ck, one_error_line, records, run_cli, run_sub, sub_env,
 )
 
-from wsld.engine.loop import STOP_AFTER_STEPS_ENV, STOP_EXIT_CODE
+from wsld.engine.hooks import STOP_AFTER_STEPS_ENV, STOP_EXIT_CODE
 
 
 def _assert_same_state(a: dict, b: dict, what: str) -> None:

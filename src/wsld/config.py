@@ -85,6 +85,8 @@ class DistillConfig:
     # defaults (wsld: weighting; dkd: beta, ce_weight, warmup_epochs; dist: beta, gamma, weight)
     params: dict[str, Any] = field(default_factory=dict)
     soft_labels: Optional[str] = None  # stored teacher outputs (wsld soft-labels) instead of a teacher
+    # distill from a teacher whose val top-1 is within 5 points of chance (normally a mistake: wrong weights or class order)
+    allow_weak_teacher: bool = False
 
 
 @dataclass

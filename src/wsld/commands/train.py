@@ -23,6 +23,11 @@ def split_config_and_overrides(items: list[str]) -> tuple[str | None, list[str]]
     return config, overrides
 
 
+def elastic_restart() -> bool:
+    """True in a job that torchrun restarted after a failure (``--max-restarts``)."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "train",
@@ -50,6 +55,9 @@ def run(args: argparse.Namespace) -> int:
     from wsld.run import run_training
 
     config_path, overrides = split_config_and_overrides(args.args)
+    if not args.resume and args.out and elastic_restart() and (Path(args.out) / "config.yaml").is_file():
+        # torchrun --max-restarts: a restarted job continues its run (same command, no --resume needed)
+        args.resume, config_path = args.out, config_path
     if args.resume:
         run_dir = Path(args.resume)
         saved = run_dir / "config.yaml"

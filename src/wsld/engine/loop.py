@@ -21,41 +21,34 @@ from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
-from torch import Tensor, nn
+from torch import nn
 from torch.utils.data import DataLoader
 
 from wsld.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from wsld.config import Config, to_dict, to_yaml
+from wsld.config import Config, config_from_dict, to_dict, to_yaml
 from wsld.data import DataInfo, build_datasets
 from wsld.data.batch import Batch, collate_batch
 from wsld.data.datasets import collate_skip_corrupt
 from wsld.data.sampling import ResumableSampler
 from wsld.engine.evaluate import evaluate
+from wsld.engine.guards import TrainingDiverged, check_teacher_strength, weights_finite
+from wsld.engine.hooks import SLOW_STEP_ENV, maybe_kill9, simulated_crash, stop_after_steps
 from wsld.engine.optim import build_optimizer, effective_lr, lr_factor
 from wsld.engine.rundir import RESUME_SAFE_KEYS, MetricsLog, config_diff, early_write_probe, write_probe
+from wsld.engine.stats import EpochStats
 from wsld.engine.step import BatchNormalizer, StepContext, train_step
+from wsld.engine.stopping import StopRequest, TrainingStopped, ignore_stop_signals_in_worker, signal_name
 from wsld.errors import CheckpointError, UserError
 from wsld.files import atomic_write_text
+from wsld.locks import DirLock, refuse_if_locked
 from wsld.losses.registry import build_loss
 from wsld.models import build_model, check_model_name, load_weights
 from wsld.runtime import Runtime, amp_dtype_for, barrier, seed_everything, set_cpu_threads, use_channels_last
 from wsld.teachers.base import TeacherSource
 from wsld.teachers.live import set_teacher_bn_mode
 
-# Test hook (docs/engine.md): WSLD_STOP_AFTER_STEPS=N makes the student run exit abruptly
-# (os._exit, no cleanup, like a crash) right after this process has taken N optimizer steps and
-# written any checkpoint due at that step. Used by the resume and reliability tests.
-STOP_AFTER_STEPS_ENV = "WSLD_STOP_AFTER_STEPS"
-STOP_EXIT_CODE = 99
-
 # builds the run's teacher source once the data is known: (data info, log) -> source or None
 TeacherFactory = Callable[[DataInfo, Callable[[str], None]], Optional[TeacherSource]]
-
-
-class TrainingDiverged(UserError):
-    """Loss became NaN/Inf with nan_policy=stop."""
-
-    exit_code = 3
 
 
 def make_loader(
@@ -72,74 +65,8 @@ def make_loader(
         dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate_fn or collate_skip_corrupt,
         pin_memory=device.type == "cuda", drop_last=drop_last, persistent_workers=False,
         prefetch_factor=4 if workers > 0 else None, generator=torch.Generator().manual_seed(seed),
+        worker_init_fn=ignore_stop_signals_in_worker if workers > 0 else None,
     )  # fmt: skip
-
-
-class EpochStats:
-    """Running sums of one epoch: the loss and every scalar part the loss returns, since the last
-    metrics line, and the per-class mean of a per-sample ``sample_weight`` part (WSLD's weights).
-    Saved in mid-epoch checkpoints, so a resumed run logs the same numbers."""
-
-    OLD_NAMES = ["loss", "hard", "soft", "weight_mean"]  # the fixed order of checkpoints before named parts
-
-    def __init__(self, num_classes: int, device: torch.device):
-        self.device = device
-        self.names: list[str] = []
-        self.sums = torch.zeros(0, device=device, dtype=torch.float64)
-        self.n = 0
-        self.class_w_sum = torch.zeros(num_classes, device=device, dtype=torch.float64)
-        self.class_n = torch.zeros(num_classes, device=device, dtype=torch.float64)
-        self.lr = 0.0
-        self.reset_window()
-
-    def reset_window(self) -> None:
-        self.sums.zero_()
-        self.n = 0
-        self.imgs = 0
-        self.wait = 0.0
-        self.t0 = time.perf_counter()
-
-    def add(self, loss: Tensor, parts: dict[str, Tensor], y: Tensor) -> None:
-        scalars = {"loss": loss, **{k: v for k, v in parts.items() if v.ndim == 0}}
-        if not self.names:
-            self.names = list(scalars)
-            self.sums = torch.zeros(len(self.names), device=self.device, dtype=torch.float64)
-        self.sums += torch.stack([scalars[k].double() for k in self.names])
-        self.n += 1
-        sw = parts.get("sample_weight")
-        if sw is not None and sw.ndim == 1:
-            self.class_w_sum.index_add_(0, y, sw.double())
-            self.class_n.index_add_(0, y, torch.ones_like(sw, dtype=torch.float64))
-
-    def means(self, rt: Runtime) -> dict[str, float]:
-        """Mean of each part over the window (and over the ranks)."""
-        sums = self.sums
-        if rt.distributed:
-            sums = sums.clone()
-            dist.all_reduce(sums)
-            sums /= rt.world_size
-        return dict(zip(self.names, (sums / max(1, self.n)).tolist()))
-
-    def class_weights(self, rt: Runtime) -> Optional[list[float]]:
-        """Mean WSLD weight per class over the epoch (all ranks), None for losses without weights."""
-        w, n = self.class_w_sum, self.class_n
-        if rt.distributed:
-            w, n = w.clone(), n.clone()
-            dist.all_reduce(w)
-            dist.all_reduce(n)
-        if n.sum() <= 0:
-            return None
-        return (w / n.clamp_min(1)).cpu().tolist()
-
-    def state(self) -> dict[str, Any]:
-        return {"names": list(self.names), "sums": self.sums.cpu(), "n": self.n, "class_w_sum": self.class_w_sum.cpu(), "class_n": self.class_n.cpu()}
-
-    def load(self, st: dict[str, Any]) -> None:
-        self.names = list(st.get("names") or self.OLD_NAMES)
-        self.sums = st["sums"].to(self.device, torch.float64).clone()
-        self.n = int(st["n"])
-        self.class_w_sum.copy_(st["class_w_sum"])
-        self.class_n.copy_(st["class_n"])
 
 
 class Trainer:
@@ -277,6 +204,7 @@ class Trainer:
 
     def _save(self, names: tuple[str, ...], epoch: int, step_in_epoch: int, global_step: int, stats: Optional["EpochStats"] = None) -> None:
         """Write the same state under each name, in order (collective: every rank calls it)."""
+        self._check_finite_weights(epoch, step_in_epoch, global_step)
         state = self._state(epoch, step_in_epoch, global_step, stats)
         if self.rt.is_main:
             for name in names:
@@ -285,7 +213,7 @@ class Trainer:
     def _restore(self) -> tuple[int, int, int, int, Optional[dict]]:
         path = self.run_dir / "last.pt"
         ck = load_checkpoint(path)
-        saved = ck.get("config", {})
+        saved = to_dict(config_from_dict(ck.get("config", {})))  # keys added since the run was made: their defaults
         diff = [k for k in config_diff(saved, to_dict(self.cfg)) if k not in RESUME_SAFE_KEYS]
         if diff:
             raise UserError(f"cannot resume {self.run_dir}: its checkpoint was trained with other values of {', '.join(diff)} (start a new run instead)")
@@ -326,10 +254,9 @@ class Trainer:
         return res, ema
 
     def fit(self) -> dict[str, Any]:
-        from tqdm import tqdm
-
         cfg, rt = self.cfg, self.rt
         if rt.is_main:
+            refuse_if_locked(self.run_dir, f"run directory {self.run_dir}")  # a live run there: refuse before any work
             early_write_probe(self.run_dir)  # before any teacher training or data work
         self.setup()
         self.sched = None
@@ -344,9 +271,29 @@ class Trainer:
             self.resume = False
         if self.resume:
             start_epoch, start_step, global_step, metrics_lines, saved_stats = self._restore()
-        # everything validated: now the run directory may be created
+        progress = cfg.train.progress and rt.is_main
+        fresh_teacher_eval = self.teacher is not None and self.teacher.runs_model and self.teacher_eval is None
+        if fresh_teacher_eval:
+            self.teacher_eval = evaluate(self.teacher.model, self.val_loader, self.normalize, self.info.num_classes, rt, self.amp_dtype, progress, "teacher eval")
+            set_teacher_bn_mode(self.teacher.model, cfg.model.teacher_bn_mode)
+            self.say(f"teacher top-1 {self.teacher_eval['top1']:.2f}  top-5 {self.teacher_eval['top5']:.2f}")
+        self._check_teacher_strength()
+        # everything validated: now the run directory may be created, and is ours while we run
+        self.lock = DirLock(self.run_dir, remove_on_release=True)
         if rt.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            self.lock.acquire_or_refuse(f"run directory {self.run_dir}")
+        try:
+            return self._fit(start_epoch, start_step, global_step, metrics_lines, saved_stats, fresh_teacher_eval)
+        finally:
+            self.lock.release()
+
+    def _fit(self, start_epoch: int, start_step: int, global_step: int, metrics_lines: int, saved_stats: Optional[dict],
+             fresh_teacher_eval: bool) -> dict[str, Any]:  # fmt: skip
+        from tqdm import tqdm
+
+        cfg, rt = self.cfg, self.rt
+        if rt.is_main:
             write_probe(self.run_dir, self._estimated_checkpoint_bytes())
             atomic_write_text(self.run_dir / "config.yaml", to_yaml(cfg))
         barrier(rt)
@@ -370,10 +317,7 @@ class Trainer:
         else:
             self.say(f"resuming {self.run_dir} at epoch {start_epoch + 1}, step {start_step} (global step {global_step})")
             self.metrics.write({"kind": "resume", "epoch": start_epoch + 1, "step": start_step, "global_step": global_step, "world_size": rt.world_size})
-        if self.teacher is not None and self.teacher.runs_model and self.teacher_eval is None:
-            self.teacher_eval = evaluate(self.teacher.model, self.val_loader, self.normalize, self.info.num_classes, rt, self.amp_dtype, progress, "teacher eval")
-            set_teacher_bn_mode(self.teacher.model, cfg.model.teacher_bn_mode)
-            self.say(f"teacher top-1 {self.teacher_eval['top1']:.2f}  top-5 {self.teacher_eval['top5']:.2f}")
+        if fresh_teacher_eval:
             self.metrics.write({"kind": "teacher_eval", "global_step": global_step, **self.teacher_eval}, step=0)
 
         warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
@@ -382,10 +326,17 @@ class Trainer:
         self.sched.last_epoch = global_step - 1
         self.sched.step()  # lr for global_step
         self.student.train()
+        stop_after = stop_after_steps(self.role)
+        slow_step_s = float(os.environ.get(SLOW_STEP_ENV) or 0)
+        with StopRequest() as stop:
+            return self._epochs(stop, start_epoch, start_step, global_step, saved_stats, stop_after, slow_step_s, progress, tqdm)
+
+    def _epochs(self, stop: StopRequest, start_epoch: int, start_step: int, global_step: int, saved_stats: Optional[dict],
+                stop_after: int, slow_step_s: float, progress: bool, tqdm: Any) -> dict[str, Any]:  # fmt: skip
+        cfg, rt = self.cfg, self.rt
         C = self.info.num_classes
         last_eval: Optional[dict] = None
         last_ema_eval: Optional[dict] = None
-        stop_after = int(os.environ.get(STOP_AFTER_STEPS_ENV) or 0) if self.role == "student" else 0
         steps_here = 0
         for epoch in range(start_epoch, cfg.train.epochs):
             first = start_step if epoch == start_epoch else 0
@@ -428,7 +379,14 @@ class Trainer:
                 if cfg.checkpoint.every_steps and global_step % cfg.checkpoint.every_steps == 0 and step < self.steps_per_epoch:
                     self._save(("last.pt",), epoch, step, global_step, stats)
                 if stop_after and steps_here >= stop_after:
-                    self._simulated_crash(global_step)
+                    simulated_crash(rt, global_step, self.say)
+                if slow_step_s:
+                    time.sleep(slow_step_s)
+                maybe_kill9(rt, steps_here)
+                signum = stop.requested(rt.distributed, rt.device)
+                if signum:
+                    self._save(("last.pt",), epoch, step, global_step, stats)
+                    self._stopped(signum, epoch, step, global_step)
                 t_wait = time.perf_counter()
             bar.close()
             if stats.n:
@@ -454,6 +412,9 @@ class Trainer:
                     + f"  best {self.best_top1:.2f} @ epoch {self.best_epoch}"
                 )
             self._save(names, epoch + 1, 0, global_step)
+            signum = stop.requested(rt.distributed, rt.device)
+            if signum and not is_last:
+                self._stopped(signum, epoch + 1, 0, global_step)
         if last_eval is None:  # resumed after the final epoch had finished
             last_eval, last_ema_eval = self._evaluate_all(progress)
         summary = {
@@ -489,6 +450,31 @@ class Trainer:
         barrier(rt)
         return summary
 
+    def _stopped(self, signum: int, epoch: int, step: int, global_step: int) -> None:
+        """After the checkpoint of a SIGTERM/SIGINT stop: one line naming it and how to continue."""
+        barrier(self.rt)
+        where = f"epoch {epoch + 1}, step {step}" if step else f"the end of epoch {epoch}"
+        self.metrics.write({"kind": "stopped", "signal": signal_name(signum), "epoch": epoch + 1, "step": step, "global_step": global_step})
+        self.metrics.close()
+        how = (f"continue with: wsld train --resume {self.run_dir}" if self.role == "student"
+               else "run the same wsld train command again to continue the teacher's training")  # fmt: skip
+        raise TrainingStopped(f"stopped by {signal_name(signum)} at {where} (global step {global_step}): checkpoint {self.run_dir / 'last.pt'} written; {how}", signum)
+
+    def _check_teacher_strength(self) -> None:
+        if self.teacher_eval:
+            check_teacher_strength(self.teacher_eval["top1"], self.info.num_classes, self.cfg.distill.allow_weak_teacher, self.say)
+
+    def _check_finite_weights(self, epoch: int, step: int, global_step: int) -> None:
+        """Never write non-finite weights under last.pt/best.pt (an inf rate or a blown-up update
+        can make them so without a non-finite loss)."""
+        if weights_finite(self.student, self.ema.module if self.ema is not None else None):
+            return
+        last = self.run_dir / "last.pt"
+        good = f"last finite checkpoint: {last}" if last.is_file() else "no checkpoint was written yet"
+        self.metrics.write({"kind": "diverged", "epoch": epoch + 1, "step": step, "global_step": global_step, "weights": "not finite"})
+        self.metrics.close()
+        raise TrainingDiverged(f"the student's weights are not finite after global step {global_step}; not checkpointed ({good}); lower train.lr or set train.grad_clip")
+
     def _batch_is_empty(self, n: int) -> bool:
         """Under DDP all ranks must skip together, or the others would wait in backward forever."""
         if not self.rt.distributed or self.cfg.data.format == "builtin":  # built-in samples never fail
@@ -496,17 +482,6 @@ class Trainer:
         t = torch.tensor([n], device=self.rt.device, dtype=torch.int64)
         dist.all_reduce(t, op=dist.ReduceOp.MIN)
         return int(t.item()) == 0
-
-    def _simulated_crash(self, global_step: int) -> None:
-        """The WSLD_STOP_AFTER_STEPS test hook: leave like a crash (no summary, no cleanup).
-
-        Under DDP the ranks first meet at a barrier, so rank 0 has finished writing the checkpoint
-        due at this step and the hook always stops the run at the same point."""
-        self.say(f"{STOP_AFTER_STEPS_ENV}: stopping abruptly after global step {global_step} (test hook)")
-        barrier(self.rt)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(STOP_EXIT_CODE)
 
     def _train_record(self, stats: "EpochStats", epoch: int, step: int, global_step: int) -> dict:
         dt = max(1e-9, time.perf_counter() - stats.t0)
@@ -533,7 +508,7 @@ class Trainer:
             self.metrics.write({"kind": "skipped_step", "epoch": epoch + 1, "step": step + 1, "global_step": global_step + 1})
             return
         last = self.run_dir / "last.pt"
-        good = f"last good checkpoint: {last}" if last.is_file() else "no checkpoint was written yet"
+        good = f"last good checkpoint: {last}" if last.is_file() else "no checkpoint was written yet"  # only finite weights are ever written
         self.metrics.write({"kind": "diverged", "epoch": epoch + 1, "step": step + 1, "global_step": global_step + 1})
         self.metrics.close()
         raise TrainingDiverged(f"loss is not finite at {where}; stopped ({good}; set train.nan_policy=skip to skip such steps)")

@@ -48,21 +48,34 @@ class MetricsLog:
         if not self.enabled:
             return
         record = {"time": round(time.time(), 3), **record}
-        self._f.write(json.dumps(record) + "\n")
-        self._f.flush()
-        os.fsync(self._f.fileno())
+        try:
+            self._f.write(json.dumps(record) + "\n")
+            self._f.flush()
+            os.fsync(self._f.fileno())
+        except OSError as e:  # disk full or gone: the checkpoints are atomic, so the last one is intact
+            raise UserError(
+                f"could not write {self.path} ({e.strerror or e}); the last checkpoint in {self.path.parent} is intact: "
+                f"free space, then continue with wsld train --resume {self.path.parent}"
+            ) from None
         self.lines += 1
         if self.tb is not None and step is not None:
             kind = record.get("kind", "x")
-            for k, v in record.items():
-                if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("epoch", "step", "global_step", "time"):
-                    self.tb.add_scalar(f"{kind}/{k}", v, step)
+            try:
+                for k, v in record.items():
+                    if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("epoch", "step", "global_step", "time"):
+                        self.tb.add_scalar(f"{kind}/{k}", v, step)
+            except Exception as e:  # TensorBoard's writer failed (disk full...): metrics.jsonl goes on
+                print(f"[wsld] warning: TensorBoard logging off ({str(e).splitlines()[0] if str(e) else type(e).__name__})", file=sys.stderr)
+                self.tb = None
 
     def close(self) -> None:
-        if self.enabled:
-            self._f.close()
-            if self.tb is not None:
-                self.tb.close()
+        if self.enabled and not self._f.closed:
+            try:
+                self._f.close()
+                if self.tb is not None:
+                    self.tb.close()
+            except Exception:  # closing after a failed write (disk full): nothing more to save
+                pass
 
 
 def write_probe(run_dir: Path, nbytes: int) -> None:

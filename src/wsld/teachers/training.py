@@ -8,13 +8,12 @@ import os
 from pathlib import Path
 from typing import Callable
 
-import torch
-
 from wsld.checkpoint import load_checkpoint, save_weights
 from wsld.config import Config, config_from_dict, to_dict
 from wsld.engine.loop import Trainer
 from wsld.engine.rundir import RESUME_SAFE_KEYS
-from wsld.models import build_model, check_model_name
+from wsld.locks import DirLock
+from wsld.models import architecture_fingerprint
 from wsld.runtime import Runtime, barrier
 
 # train.threads is copied into the teacher's config (both phases of a first run use the same
@@ -47,15 +46,6 @@ def teacher_training_config(cfg: Config) -> Config:
     return config_from_dict(d)
 
 
-def architecture_fingerprint(name: str) -> list:
-    """Parameter names and shapes of model ``name`` (built on the meta device: no memory, no
-    init cost), so a cached teacher is not reused after the architecture's code changed."""
-    family = check_model_name(name, "model.teacher")
-    with torch.device("meta"):
-        model = build_model(name, 1, in_channels=1 if family == "local" else 3)
-    return [[k, list(v.shape)] for k, v in model.state_dict().items()]
-
-
 def teacher_cache_key(cfg: Config) -> str:
     """Hash of everything that changes the trained teacher: its training config (minus
     resume-safe keys) and its architecture."""
@@ -81,15 +71,23 @@ def ensure_teacher(cfg: Config, rt: Runtime, log: Callable[[str], None]) -> str:
     if weights.is_file():
         log(f"teacher: reusing {weights}")
         return str(weights)
-    tcfg = teacher_training_config(cfg)
-    run = cache / "run"
-    log(f"teacher: no model.teacher_weights given, training {cfg.model.teacher} with CE for {tcfg.train.epochs} epochs (cached in {cache})")
-    if rt.is_main:
+    lock = DirLock(cache)
+    if rt.is_main:  # one process trains a cache entry; another one with the same setup waits for it
         cache.mkdir(parents=True, exist_ok=True)
+        lock.acquire_waiting(log, f"teacher cache entry {cache}")
     barrier(rt)
-    resume = (run / "last.pt").is_file()
-    Trainer(tcfg, run, rt, resume=resume, role="teacher").fit()
-    if rt.is_main:
-        save_weights(load_checkpoint(run / "last.pt")["student"], weights)
-    barrier(rt)
-    return str(weights)
+    try:
+        if weights.is_file():  # trained by the process we waited for
+            log(f"teacher: reusing {weights}")
+            return str(weights)
+        tcfg = teacher_training_config(cfg)
+        run = cache / "run"
+        log(f"teacher: no model.teacher_weights given, training {cfg.model.teacher} with CE for {tcfg.train.epochs} epochs (cached in {cache})")
+        resume = (run / "last.pt").is_file()
+        Trainer(tcfg, run, rt, resume=resume, role="teacher").fit()
+        if rt.is_main:
+            save_weights(load_checkpoint(run / "last.pt")["student"], weights)
+        barrier(rt)
+        return str(weights)
+    finally:
+        lock.release()

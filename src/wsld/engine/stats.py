@@ -1,0 +1,79 @@
+"""Running sums of a training epoch (the loss, every part the loss returns, per-class WSLD weights), checkpointed mid-epoch."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from wsld.runtime import Runtime
+
+
+class EpochStats:
+    """Running sums of one epoch: the loss and every scalar part the loss returns, since the last
+    metrics line, and the per-class mean of a per-sample ``sample_weight`` part (WSLD's weights).
+    Saved in mid-epoch checkpoints, so a resumed run logs the same numbers."""
+
+    OLD_NAMES = ["loss", "hard", "soft", "weight_mean"]  # the fixed order of checkpoints before named parts
+
+    def __init__(self, num_classes: int, device: torch.device):
+        self.device = device
+        self.names: list[str] = []
+        self.sums = torch.zeros(0, device=device, dtype=torch.float64)
+        self.n = 0
+        self.class_w_sum = torch.zeros(num_classes, device=device, dtype=torch.float64)
+        self.class_n = torch.zeros(num_classes, device=device, dtype=torch.float64)
+        self.lr = 0.0
+        self.reset_window()
+
+    def reset_window(self) -> None:
+        self.sums.zero_()
+        self.n = 0
+        self.imgs = 0
+        self.wait = 0.0
+        self.t0 = time.perf_counter()
+
+    def add(self, loss: Tensor, parts: dict[str, Tensor], y: Tensor) -> None:
+        scalars = {"loss": loss, **{k: v for k, v in parts.items() if v.ndim == 0}}
+        if not self.names:
+            self.names = list(scalars)
+            self.sums = torch.zeros(len(self.names), device=self.device, dtype=torch.float64)
+        self.sums += torch.stack([scalars[k].double() for k in self.names])
+        self.n += 1
+        sw = parts.get("sample_weight")
+        if sw is not None and sw.ndim == 1:
+            self.class_w_sum.index_add_(0, y, sw.double())
+            self.class_n.index_add_(0, y, torch.ones_like(sw, dtype=torch.float64))
+
+    def means(self, rt: Runtime) -> dict[str, float]:
+        """Mean of each part over the window (and over the ranks)."""
+        sums = self.sums
+        if rt.distributed:
+            sums = sums.clone()
+            dist.all_reduce(sums)
+            sums /= rt.world_size
+        return dict(zip(self.names, (sums / max(1, self.n)).tolist()))
+
+    def class_weights(self, rt: Runtime) -> Optional[list[float]]:
+        """Mean WSLD weight per class over the epoch (all ranks), None for losses without weights."""
+        w, n = self.class_w_sum, self.class_n
+        if rt.distributed:
+            w, n = w.clone(), n.clone()
+            dist.all_reduce(w)
+            dist.all_reduce(n)
+        if n.sum() <= 0:
+            return None
+        return (w / n.clamp_min(1)).cpu().tolist()
+
+    def state(self) -> dict[str, Any]:
+        return {"names": list(self.names), "sums": self.sums.cpu(), "n": self.n, "class_w_sum": self.class_w_sum.cpu(), "class_n": self.class_n.cpu()}
+
+    def load(self, st: dict[str, Any]) -> None:
+        self.names = list(st.get("names") or self.OLD_NAMES)
+        self.sums = st["sums"].to(self.device, torch.float64).clone()
+        self.n = int(st["n"])
+        self.class_w_sum.copy_(st["class_w_sum"])
+        self.class_n.copy_(st["class_n"])
