@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 
-from wsld.demo.plan import FULL, QUICK, VARIANTS
+from wsld.demo.plan import QUICK, REGIMES, STUDENT, TEACHER, Settings
 
 
 def _positive_int(text: str) -> int:
+    """argparse type: a whole number (ranges are checked with one-line errors later)."""
     try:
         return int(text)
     except ValueError:
@@ -15,40 +16,43 @@ def _positive_int(text: str) -> int:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Registers ``wsld demo``."""
+    full = Settings()
     p = sub.add_parser(
         "demo",
-        help="the reference comparison (teacher / student alone / KD / WSLD) on Fashion-MNIST, with a report",
-        description="Export the built-in Fashion-MNIST as an ImageNet-style photo folder, list and pack it into "
-        "LMDB, train a CNN teacher once per variant, then the student with ce, kd and wsld over several seeds, "
-        "balanced and long-tailed (ratio 100), all with 'wsld train' from the LMDB; writes OUT/report.md, "
-        "OUT/results.json, PNG plots, and the config of every run in OUT/configs/. Running the same command again "
-        "reuses finished runs and resumes unfinished ones. See docs/demo.md.",
+        help="the reference comparison (teacher / student alone / KD / WSLD / WSLD with weights fixed at 1) on "
+        "Fashion-MNIST, three regimes, 3 seeds, with a report",
+        description=f"Train the CIFAR-ResNet pair {TEACHER} -> {STUDENT} on the built-in Fashion-MNIST in three "
+        "regimes (balanced, long-tailed ratio 100, small data 600 per class): each regime's teacher once, its soft "
+        "labels stored per seed, one search (lr, and T for the distilled rows, 4 runs per row) on held-out training "
+        "images, then CE, KD, WSLD and WSLD with weights fixed at 1 over several seeds, all with 'wsld train'; writes "
+        "OUT/report.md (paired differences with 95%% CIs), OUT/results.json, PNG plots, and the config of every "
+        "run in OUT/configs/. Running the same command again reuses finished runs and resumes unfinished ones. "
+        "See docs/demo.md.",
     )
     p.add_argument("--out", default="runs/demo", metavar="DIR", help="output folder (default: %(default)s)")
-    p.add_argument("--seeds", type=_positive_int, metavar="N", help=f"student seeds per loss (default {FULL['seeds']}, --quick {QUICK['seeds']})")
+    p.add_argument("--seeds", type=_positive_int, metavar="N", help=f"seeds per row (default {full.seeds}, --quick {QUICK['seeds']})")
     p.add_argument("--quick", action="store_true",
-                   help=f"pipeline check in a few minutes: balanced only, {QUICK['seeds']} seed, "
-                   f"{QUICK['train_per_class']} training images per class, all test images, {QUICK['epochs']} epochs")
-    p.add_argument("--variants", nargs="+", choices=list(VARIANTS), metavar="V",
-                   help="balanced and/or long-tail (default: both; --quick: balanced)")
+                   help="pipeline check in about 3 minutes, NOT a comparison: every step on "
+                   f"{QUICK['train_per_class']} training images per class, {QUICK['seeds']} seed, 1 epoch")
+    p.add_argument("--regimes", nargs="+", choices=list(REGIMES), metavar="R",
+                   help="balanced, long-tail and/or small-data (default: all three)")
     p.add_argument("--epochs", type=_positive_int, metavar="E",
-                   help=f"student epochs, every loss (default {FULL['epochs']}, --quick {QUICK['epochs']})")
+                   help="student epochs of every regime and the search (default per regime: "
+                   + ", ".join(f"{r} {e}" for r, e in full.epochs.items()) + ")")
     p.add_argument("--teacher-epochs", type=_positive_int, metavar="E",
-                   help=f"teacher epochs (default {FULL['teacher_epochs']}, --quick {QUICK['teacher_epochs']})")
-    p.add_argument("--tune-epochs", type=_positive_int, metavar="E",
-                   help=f"epochs of each learning-rate search run (default {FULL['tune_epochs']}, --quick {QUICK['tune_epochs']})")
+                   help="teacher epochs of every regime (default per regime: "
+                   + ", ".join(f"{r} {e}" for r, e in full.teacher_epochs.items()) + ")")
     p.add_argument("--jobs", type=_positive_int, metavar="N",
-                   help="training runs at a time, each a 'wsld train' process (default: 2 on a CPU machine with 2+ "
-                   "cores, 1 with CUDA; 1 runs them one by one in this process)")
-    p.add_argument("--threads", type=_positive_int, metavar="T",
-                   help="torch threads per run (default: CPU cores / jobs)")
+                   help="runs at a time, each a 'wsld' process (default: 2 on a CPU machine with 2+ cores, 1 with "
+                   "CUDA; 1 runs them one by one in this process)")
+    p.add_argument("--threads", type=_positive_int, metavar="T", help="torch threads per run (default: CPU cores / jobs)")
     p.add_argument("--batch-size", type=_positive_int, default=128, metavar="B", help="batch size of every run (default: %(default)s)")
     p.add_argument("--limit-per-class", type=_positive_int, metavar="N",
                    help="use only the first N training and N test images of each class (for tests and smoke checks)")
     p.add_argument("--data-path", metavar="DIR", help="folder with the Fashion-MNIST IDX files (default: the system location)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
-
 
 
 def run(args: argparse.Namespace) -> int:

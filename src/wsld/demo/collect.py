@@ -1,4 +1,4 @@
-"""Reads the finished runs' summary.json and metrics.jsonl into results.json's per-variant numbers."""
+"""Reads the finished runs' summary.json and metrics.jsonl into results.json's per-regime numbers."""
 
 from __future__ import annotations
 
@@ -6,11 +6,12 @@ import json
 from pathlib import Path
 from typing import Any
 
-from wsld.demo.plan import LOSS_ROWS, RunSpec
-from wsld.demo.stats import mean_std
+from wsld.demo.plan import COMPARISONS, ROWS, RunSpec
+from wsld.demo.stats import mean_std, paired_ci
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
+    """A run's metrics.jsonl records (unreadable lines skipped)."""
     out = []
     path = run_dir / "metrics.jsonl"
     if path.is_file():
@@ -39,14 +40,19 @@ def _per_epoch(records: list[dict], kind: str, key: str) -> dict[int, Any]:
     return out
 
 
-def collect(specs: list[RunSpec], variants: dict[str, dict], classes: list[str]) -> dict[str, Any]:
-    """``results.json``'s ``variants`` part, from the runs' summary.json and metrics.jsonl."""
+def _summary(sp: RunSpec) -> dict:
+    return json.loads(sp.done_path.read_text(encoding="utf-8"))
+
+
+def collect(specs: list[RunSpec], regimes: dict[str, dict], classes: list[str]) -> dict[str, Any]:
+    """``results.json``'s ``regimes`` part, from the runs' summary.json and metrics.jsonl."""
     res: dict[str, Any] = {}
-    for variant, info in variants.items():
+    ncls = len(classes)
+    for regime, info in regimes.items():
         counts = info["class_counts"]
         groups = class_groups(counts)
-        teacher_spec = next(sp for sp in specs if sp.variant == variant and sp.loss == "teacher")
-        tsum = json.loads((teacher_spec.run_dir / "summary.json").read_text(encoding="utf-8"))
+        teacher_spec = next(sp for sp in specs if sp.regime == regime and sp.row == "teacher")
+        tsum = _summary(teacher_spec)
         tcurve = _per_epoch(read_metrics(teacher_spec.run_dir), "eval", "top1")
         tpc = tsum["last_per_class_top1"]
         v: dict[str, Any] = {
@@ -54,33 +60,32 @@ def collect(specs: list[RunSpec], variants: dict[str, dict], classes: list[str])
             "classes": classes,
             "groups": groups,
             "teacher": {
-                "run": teacher_spec.name, "top1": tsum["last_top1"], "best_top1": tsum["best_top1"],
-                "per_class_top1": tpc, "group_top1": {g: sum(tpc[k] for k in ks) / len(ks) for g, ks in groups.items()},
+                "run": teacher_spec.name, "top1": tsum["last_top1"], "per_class_top1": tpc,
+                "group_top1": {g: sum(tpc[k] for k in ks) / len(ks) for g, ks in groups.items()},
                 "curve": [tcurve[e] for e in sorted(tcurve)],
             },
-            "losses": {},
+            "rows": {},
         }  # fmt: skip
-        for loss, row, params in LOSS_ROWS:
-            runs = sorted((sp for sp in specs if sp.variant == variant and sp.loss == loss), key=lambda sp: sp.seed)
+        for row in ROWS:
+            runs = sorted((sp for sp in specs if sp.regime == regime and sp.row == row.key), key=lambda sp: sp.seed)
             seeds = []
             for sp in runs:
-                summ = json.loads((sp.run_dir / "summary.json").read_text(encoding="utf-8"))
+                summ = _summary(sp)
                 recs = read_metrics(sp.run_dir)
                 curve = _per_epoch(recs, "eval", "top1")
-                weights = _per_epoch(recs, "class_weights", "mean_weight")
+                weights = _per_epoch(recs, "class_weights", "mean_weight") if row.key == "wsld" else {}
                 pc = summ["last_per_class_top1"]
                 seeds.append({
-                    "seed": sp.seed, "run": sp.name, "top1": summ["last_top1"], "best_top1": summ["best_top1"],
-                    "best_epoch": summ["best_epoch"], "per_class_top1": pc,
+                    "seed": sp.seed, "run": sp.name, "top1": summ["last_top1"], "per_class_top1": pc,
                     "group_top1": {g: sum(pc[k] for k in ks) / len(ks) for g, ks in groups.items()},
                     "curve": [curve[e] for e in sorted(curve)],
                     "class_weights": [weights[e] for e in sorted(weights)] if weights else None,
-                    "teacher_top1_seen": summ.get("teacher_top1"),
                 })  # fmt: skip
             m, sd = mean_std([r["top1"] for r in seeds])
-            ncls = len(classes)
+            cfg = runs[0].config
             entry = {
-                "row": row, "distill": {"loss": loss, **({} if loss == "ce" else params)},
+                "name": row.name, "loss": row.loss, "lr": cfg.train.lr,
+                "T": cfg.distill.T if row.distilled else None, "alpha": row.alpha, "params": dict(row.params),
                 "seeds": seeds, "top1_mean": m, "top1_std": sd,
                 "per_class_top1_mean": [sum(r["per_class_top1"][k] for r in seeds) / len(seeds) for k in range(ncls)],
                 "group_top1": {g: dict(zip(("mean", "std"), mean_std([r["group_top1"][g] for r in seeds]))) for g in groups},
@@ -90,14 +95,14 @@ def collect(specs: list[RunSpec], variants: dict[str, dict], classes: list[str])
                 entry["class_weights_mean"] = [
                     [sum(r["class_weights"][e][k] for r in seeds) / len(seeds) for k in range(ncls)] for e in range(epochs)
                 ]
-            v["losses"][loss] = entry
-        for other in ("ce", "kd"):  # paired by seed: same initialisation and data order for every loss
-            diffs = [w["top1"] - o["top1"] for w, o in zip(v["losses"]["wsld"]["seeds"], v["losses"][other]["seeds"])]
-            m, sd = mean_std(diffs)
-            v[f"wsld_minus_{other}"] = {"mean": m, "std": sd, "per_seed": diffs, "wsld_ahead": sum(d > 0 for d in diffs)}
-        res[variant] = v
+            v["rows"][row.key] = entry
+        v["differences"] = {}
+        for a, b in COMPARISONS:  # paired by seed: same initialisation, data order and crops for every row
+            diffs = [x["top1"] - y["top1"] for x, y in zip(v["rows"][a]["seeds"], v["rows"][b]["seeds"])]
+            v["differences"][f"{a}-{b}"] = {"a": a, "b": b, **paired_ci(diffs)}
+        v["student_gap"] = v["teacher"]["top1"] - v["rows"]["ce"]["top1_mean"]
+        res[regime] = v
     return res
-
 
 
 def training_span(specs: list[RunSpec]) -> float:

@@ -1,4 +1,4 @@
-"""The demo's settings, its runs (one config each), their dependency order and the learning-rate choice."""
+"""The demo's settings and its runs: one config each (teachers, soft-label stores, search, students), their order and the search's choice."""
 
 from __future__ import annotations
 
@@ -9,23 +9,43 @@ from typing import Any, Optional
 
 from wsld.errors import UserError
 
-VARIANTS = {"balanced": 1.0, "long-tail": 100.0}  # name -> data.long_tail_ratio
-LOSS_ROWS = [  # loss, row name in the reference table, distill settings (published values)
-    ("ce", "Original (CE)", {"T": 4.0, "alpha": 2.25}),
-    ("kd", "KD (T=4, alpha=0.9)", {"T": 4.0, "alpha": 0.9}),
-    ("wsld", "WSLD (T=4, alpha=2.25)", {"T": 4.0, "alpha": 2.25}),
-]
-LOSS_NAMES = {"ce": "CE", "kd": "KD", "wsld": "WSLD"}
-LOSS_COLORS = {"teacher": "#555555", "ce": "#1f77b4", "kd": "#ff7f0e", "wsld": "#2ca02c"}
-# Learning rate (per 256 images, scaled linearly with the batch). The teacher uses 0.1. The student's
-# is chosen per loss from STUDENT_LRS, the same search for every loss, on a held-out part of the
-# training set: at 0.1 the BatchNorm-free student collapsed to a constant output under WSLD (its soft
-# term's gradient is alpha T^2 = 36 times a KL's; seed 0 ended at 54.2% against 76.6% for CE), while
-# CE learns slowly at 0.025. See docs/demo.md.
-TEACHER_LR = 0.1
-STUDENT_LRS = (0.1, 0.05, 0.025)
-# Fashion-MNIST statistics (one grey channel, replicated over the 3 channels the PNGs decode to)
-FMNIST_MEAN, FMNIST_STD = [0.2860], [0.3530]
+TEACHER, STUDENT = "cifar_resnet20_s2", "cifar_resnet8_s2"  # pre-registered in docs/demo.md
+REGIMES = ("balanced", "long-tail", "small-data")
+LONG_TAIL_RATIO = 100.0
+TEACHER_LR = 0.1  # per 256 images, like every rate here; scaled linearly with the batch
+
+
+@dataclass(frozen=True)
+class Row:
+    """One row of the table: a loss with its fixed values and its search grid of (lr, T)."""
+
+    key: str  # run-name part and results key
+    name: str  # the row's name in the tables
+    loss: str  # distill.loss
+    alpha: Optional[float]  # None: CE (no teacher)
+    params: dict = field(default_factory=dict)  # distill.params
+    grid: tuple = ()  # (lr, T or None), in tie-break order
+
+    @property
+    def distilled(self) -> bool:
+        return self.loss != "ce"
+
+
+def _distill_grid(first_t: float) -> tuple:
+    other = 4.0 if first_t == 2.0 else 2.0
+    return tuple((lr, t) for t in (first_t, other) for lr in (0.05, 0.1))
+
+
+ROWS = (
+    Row("ce", "Original (CE)", "ce", None, {}, tuple((lr, None) for lr in (0.025, 0.05, 0.1, 0.2))),
+    Row("kd", "KD (alpha 0.9)", "kd", 0.9, {}, _distill_grid(4.0)),
+    Row("wsld", "WSLD (alpha 2.5)", "wsld", 2.5, {}, _distill_grid(2.0)),
+    Row("wsld_w1", "WSLD, weights fixed at 1 (alpha 2.5)", "wsld", 2.5, {"weighting": "off"}, _distill_grid(2.0)),
+)
+ROW_BY_KEY = {r.key: r for r in ROWS}
+SHORT_NAMES = {"teacher": "teacher", "ce": "CE", "kd": "KD", "wsld": "WSLD", "wsld_w1": "WSLD (w = 1)"}
+COLORS = {"teacher": "#555555", "ce": "#1f77b4", "kd": "#ff7f0e", "wsld": "#2ca02c", "wsld_w1": "#9467bd"}
+COMPARISONS = (("wsld", "ce"), ("wsld", "kd"), ("wsld", "wsld_w1"))  # paired differences, first minus second
 
 
 @dataclass
@@ -33,35 +53,35 @@ class Settings:
     """Everything that shapes the demo's runs; the full and the quick demo differ only here."""
 
     seeds: int = 3
-    variants: tuple[str, ...] = ("balanced", "long-tail")
-    epochs: int = 10  # student epochs, every loss
-    teacher_epochs: int = 8
+    regimes: tuple[str, ...] = REGIMES
+    epochs: dict = field(default_factory=lambda: {"balanced": 3, "long-tail": 6, "small-data": 10})
+    teacher_epochs: dict = field(default_factory=lambda: {"balanced": 4, "long-tail": 6, "small-data": 10})
     train_per_class: Optional[int] = None  # None: all 6,000 training images per class
     val_per_class: Optional[int] = None  # None: all 1,000 test images per class
+    small_per_class: int = 600  # small-data training split = the search's training split
+    heldout_per_class: int = 500  # the search's held-out training images per class
     batch_size: int = 128
     jobs: int = 2
     threads: int = 1
     quick: bool = False
     source: Optional[str] = None  # folder with the Fashion-MNIST IDX files (None: the system location)
-    # learning-rate selection: per class, the first tune_per_class training images train, the next
-    # tune_per_class (also training images, never test images) are the held-out set
-    tune_per_class: int = 1000
-    tune_epochs: int = 4
+
+    @property
+    def search_epochs(self) -> int:
+        return self.epochs["small-data"]
 
 
-FULL = dict(seeds=3, variants=("balanced", "long-tail"), epochs=10, teacher_epochs=8, tune_per_class=1000, tune_epochs=4)
-QUICK = dict(seeds=1, variants=("balanced",), epochs=3, teacher_epochs=3, train_per_class=1000, tune_per_class=500,
-             tune_epochs=2)
-
-
-# --------------------------------------------------------------------------- runs
+QUICK = dict(seeds=1, epochs={r: 1 for r in REGIMES}, teacher_epochs={r: 2 for r in REGIMES}, train_per_class=200,
+             val_per_class=200, small_per_class=50, heldout_per_class=50)  # fmt: skip
 
 
 @dataclass
 class RunSpec:
+    """One planned process: a ``wsld train`` run (teacher, search or student) or a ``wsld soft-labels`` store."""
+
     name: str
-    variant: str
-    loss: str  # "teacher" for the teacher's own CE run
+    regime: str  # "search" for the search runs
+    row: str  # "teacher", "store" or a Row key
     seed: int
     config: Any  # wsld.config.Config
     config_path: Path
@@ -70,42 +90,59 @@ class RunSpec:
     deps: list[str] = field(default_factory=list)
     cost: float = 1.0  # relative CPU cost, for the progress bar's ETA
     steps_total: int = 1
+    crops: int = 0  # stores: crops per image
+    grid: tuple = ()  # search runs: (lr, T)
 
     @property
-    def role(self) -> str:
-        return "teacher" if self.loss == "teacher" else "student"
+    def is_store(self) -> bool:
+        return self.row == "store"
+
+    @property
+    def done_path(self) -> Path:
+        return self.run_dir.with_name(self.run_dir.name + ".done") if self.is_store else self.run_dir / "summary.json"
+
+    def argv(self, state: str) -> list[str]:
+        """The ``wsld`` arguments of this run (progress bars off: the demo shows its own)."""
+        if self.is_store:
+            return ["soft-labels", str(self.config_path), "--crops", str(self.crops), "--topk", "10",
+                    "--precision", "float32", "--out", str(self.run_dir)]  # fmt: skip
+        if state == "resume":
+            return ["train", str(self.config_path), "--resume", str(self.run_dir), "train.progress=false"]
+        return ["train", str(self.config_path), "--out", str(self.run_dir), "train.progress=false"]
 
 
-def run_config(lmdb_dir: Path, out: Path, s: Settings, variant: str, loss: str, seed: int,
-               teacher_weights: Optional[Path], lr: Optional[float] = None, epochs: Optional[int] = None) -> Any:
-    """The full config of one run: one recipe for every loss, only ``distill`` differs."""
+@dataclass
+class DataPaths:
+    """The IDX folders of the runs: ``full`` (None: the system location), ``small`` and ``search``."""
+
+    full: Optional[str]
+    small: str
+    search: str
+
+
+def run_config(s: Settings, data_path: Optional[str], regime: str, row: str, seed: int, epochs: int, lr: float,
+               T: Optional[float] = None, teacher_weights: Optional[Path] = None,
+               soft_labels: Optional[Path] = None) -> Any:
+    """The full config of one run: one recipe for every row, only ``distill`` (and the lr) differs."""
     from wsld.config import config_from_dict, validate
 
-    student = "cnn_teacher" if loss == "teacher" else "cnn_student"
-    distill = {"loss": "ce", "T": 4.0, "alpha": 2.25}
-    for name, _row, params in LOSS_ROWS:
-        if name == loss:
-            distill = {"loss": name, **params}
+    r = ROW_BY_KEY.get(row)
+    distill: dict = {"loss": "ce", "T": 4.0, "alpha": 0.9}
+    if r is not None and r.distilled:
+        distill = {"loss": r.loss, "T": T, "alpha": r.alpha, "params": dict(r.params),
+                   "soft_labels": str(soft_labels.resolve()) if soft_labels else None}  # fmt: skip
     d = {
-        "data": {
-            "dataset": "fashion-mnist", "format": "lmdb", "data_path": str(lmdb_dir.resolve()),
-            "batch_size": s.batch_size, "workers": 0, "image_size": 28, "val_resize": 28,
-            "train_crop": "padded", "crop_padding": 2, "hflip": True, "augment": True,
-            "mean": FMNIST_MEAN, "std": FMNIST_STD, "long_tail_ratio": VARIANTS[variant],
-        },
-        "model": {
-            "teacher": "cnn_teacher", "student": student,
-            "teacher_weights": str(teacher_weights.resolve()) if teacher_weights and loss in ("kd", "wsld") else None,
-            "teacher_bn_mode": "eval", "channels_last": True, "teacher_cache": str((out / "teacher_cache").resolve()),
-        },
+        "data": {"dataset": "fashion-mnist", "format": "builtin", "data_path": data_path, "batch_size": s.batch_size,
+                 "val_batch_size": 500, "workers": 0, "augment": True, "hflip": True,
+                 "long_tail_ratio": LONG_TAIL_RATIO if regime == "long-tail" else 1.0},
+        "model": {"teacher": TEACHER, "student": TEACHER if row in ("teacher", "store") else STUDENT,
+                  "teacher_weights": str(teacher_weights.resolve()) if teacher_weights else None,
+                  "teacher_bn_mode": "eval", "channels_last": True},
         "distill": distill,
-        "train": {
-            "epochs": epochs or (s.teacher_epochs if loss == "teacher" else s.epochs),
-            "lr": TEACHER_LR if loss == "teacher" else lr, "base_batch_size": 256,
-            "optimizer": "sgd", "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4, "schedule": "cosine",
-            "warmup_epochs": 0.0, "amp": "off", "seed": seed, "log_every": 25, "progress": True,
-        },
-        # unused (the teacher is its own run, then given as weights); pinned so that a new built-in
+        "train": {"epochs": epochs, "lr": lr, "base_batch_size": 256, "optimizer": "sgd", "momentum": 0.9,
+                  "nesterov": True, "weight_decay": 5e-4, "schedule": "cosine", "warmup_epochs": 0.0, "amp": "off",
+                  "seed": seed, "log_every": 25, "progress": True},
+        # unused (teachers are their own runs, given as weights); pinned so that a new built-in
         # default does not make finished demo runs look like runs of other settings
         "teacher_train": {"epochs": 4, "lr": 0.1, "weight_decay": 5e-4, "schedule": "cosine"},
         "checkpoint": {"every_steps": 100},
@@ -126,104 +163,120 @@ def train_counts(cfg: Any) -> tuple[list[int], int]:
     return counts, len(val)
 
 
-# relative CPU cost per image (about microseconds on one core): decode + augment + model work
-COST_TRAIN = {"teacher": 750.0, "ce": 245.0, "kd": 400.0, "wsld": 400.0}
-COST_EVAL = {"teacher": 270.0, "ce": 130.0, "kd": 130.0, "wsld": 130.0}
+# relative CPU cost per image (about microseconds on one core), measured for the pair (docs/demo.md)
+COST_TRAIN = {"teacher": 900.0, "student": 370.0, "store": 250.0}
+COST_EVAL = {"teacher": 250.0, "student": 100.0, "store": 0.0}
 
 
-def _spec(out: Path, name: str, variant: str, loss: str, seed: int, cfg: Any, deps: list[str], n_train: int,
-          n_val: int) -> RunSpec:
-    epochs = cfg.train.epochs
-    cost = epochs * (n_train * COST_TRAIN[loss] + n_val * COST_EVAL[loss])
-    if loss in ("kd", "wsld"):
-        cost += n_val * COST_EVAL["teacher"]
+def _spec(out: Path, name: str, regime: str, row: str, seed: int, cfg: Any, deps: list[str], n_train: int,
+          n_val: int, crops: int = 0, grid: tuple = ()) -> RunSpec:
+    kind = row if row in ("teacher", "store") else "student"
+    epochs = crops or cfg.train.epochs
+    cost = epochs * (n_train * COST_TRAIN[kind] + n_val * COST_EVAL[kind]) + 3e6  # + start-up
     steps = epochs * max(1, n_train // cfg.data.batch_size)
-    return RunSpec(name, variant, loss, seed, cfg, out / "configs" / f"{name}.yaml", out / "runs" / name,
-                   out / "logs" / f"{name}.log", deps, cost, steps)
+    run_dir = out / ("stores" if row == "store" else "runs") / name
+    return RunSpec(name, regime, row, seed, cfg, out / "configs" / f"{name}.yaml", run_dir,
+                   out / "logs" / f"{name}.log", deps, cost, steps, crops, grid)
 
 
-def plan_teachers_and_tuning(out: Path, lmdb_dir: Path, tune_lmdb: Path, s: Settings) -> tuple[list[RunSpec], dict[str, dict]]:
-    """Phase 1: the teacher of every variant (the balanced one always: the tuning runs use it) and the
-    learning-rate search (every loss x every rate in STUDENT_LRS, seed 0, on the tuning split)."""
+def regime_data(paths: DataPaths, regime: str) -> Optional[str]:
+    return paths.small if regime == "small-data" else paths.full
+
+
+def plan_phase1(out: Path, paths: DataPaths, s: Settings) -> tuple[list[RunSpec], dict[str, dict]]:
+    """Teachers (every regime; small-data always: the search uses it), stores (regime x seed) and the
+    search (every row x grid point, seed 0, on the small-data split scored on held-out training images)."""
     specs: list[RunSpec] = []
-    variants: dict[str, dict] = {}
-    for variant in dict.fromkeys(("balanced", *s.variants)):
-        tcfg = run_config(lmdb_dir, out, s, variant, "teacher", 0, None)
+    regimes: dict[str, dict] = {}
+    for regime in dict.fromkeys(("small-data", *s.regimes)):
+        data = regime_data(paths, regime)
+        tcfg = run_config(s, data, regime, "teacher", 0, s.teacher_epochs[regime], TEACHER_LR)
         counts, n_val = train_counts(tcfg)
-        if variant in s.variants:
-            variants[variant] = {"class_counts": counts, "train_images": sum(counts), "val_images": n_val}
-        specs.append(_spec(out, f"{variant}-teacher", variant, "teacher", 0, tcfg, [], sum(counts), n_val))
-    teacher = out / "runs" / "balanced-teacher" / "last.pt"
-    n_train = n_val = 0
-    for loss, _row, _p in LOSS_ROWS:
-        for lr in STUDENT_LRS:
-            cfg = run_config(tune_lmdb, out, s, "balanced", loss, 0, teacher, lr=lr, epochs=s.tune_epochs)
-            if not n_train:
-                counts, n_val = train_counts(cfg)
-                n_train = sum(counts)
-            deps = ["balanced-teacher"] if loss != "ce" else []
-            specs.append(_spec(out, f"tune-{loss}-lr{lr:g}", "tune", loss, 0, cfg, deps, n_train, n_val))
-    return specs, variants
+        regimes[regime] = {"class_counts": counts, "train_images": sum(counts), "val_images": n_val}
+        tname = f"{regime}-teacher"
+        specs.append(_spec(out, tname, regime, "teacher", 0, tcfg, [], sum(counts), n_val))
+        weights = out / "runs" / tname / "last.pt"
+        for seed in range(s.seeds if regime in s.regimes else 1):
+            scfg = run_config(s, data, regime, "store", seed, s.epochs[regime], TEACHER_LR, teacher_weights=weights)
+            specs.append(_spec(out, f"{regime}-store-s{seed}", regime, "store", seed, scfg, [tname], sum(counts), 0,
+                               crops=s.epochs[regime]))
+    store0 = out / "stores" / "small-data-store-s0"
+    n_train = regimes["small-data"]["train_images"]
+    for row in ROWS:
+        for lr, T in row.grid:
+            cfg = run_config(s, paths.search, "small-data", row.key, 0, s.search_epochs, lr, T,
+                             teacher_weights=out / "runs" / "small-data-teacher" / "last.pt" if row.distilled else None,
+                             soft_labels=store0 if row.distilled else None)
+            name = f"search-{row.key}-lr{lr:g}" + (f"-T{T:g}" if T is not None else "")
+            n_val = 10 * s.heldout_per_class
+            specs.append(_spec(out, name, "search", row.key, 0, cfg, ["small-data-store-s0"] if row.distilled else [],
+                               n_train, n_val, grid=(lr, T)))
+    return specs, {r: regimes[r] for r in s.regimes}
 
 
-def select_lrs(specs: list[RunSpec]) -> dict[str, dict]:
-    """Per loss, the rate whose run ends best on the held-out images (ties: the first in STUDENT_LRS)."""
+def select(specs: list[RunSpec]) -> dict[str, dict]:
+    """Per row, the grid point whose run ends best on the held-out images (ties: the first in the grid)."""
     out: dict[str, dict] = {}
-    for loss, _row, _p in LOSS_ROWS:
-        table: dict[str, float] = {}
-        for sp in specs:
-            if sp.variant == "tune" and sp.loss == loss:
-                summary = json.loads((sp.run_dir / "summary.json").read_text(encoding="utf-8"))
-                table[f"{sp.config.train.lr:g}"] = summary["last_top1"]
-        best = None
-        for lr in STUDENT_LRS:
-            if best is None or table[f"{lr:g}"] > table[f"{best:g}"]:
-                best = lr
-        out[loss] = {"lr": best, "heldout_top1": table}
+    for row in ROWS:
+        table = []
+        for lr, T in row.grid:
+            sp = next(sp for sp in specs if sp.regime == "search" and sp.row == row.key and sp.grid == (lr, T))
+            summary = json.loads(sp.done_path.read_text(encoding="utf-8"))
+            table.append({"lr": lr, "T": T, "heldout_top1": summary["last_top1"], "run": sp.name})
+        best = max(table, key=lambda e: e["heldout_top1"])  # max keeps the first of equals
+        out[row.key] = {"lr": best["lr"], "T": best["T"], "table": table}
     return out
 
 
-def plan_students(out: Path, lmdb_dir: Path, s: Settings, variants: dict[str, dict], lrs: dict[str, dict]) -> list[RunSpec]:
-    """Phase 2: every loss and seed on every variant, each loss with its selected learning rate."""
+def plan_students(out: Path, paths: DataPaths, s: Settings, regimes: dict[str, dict], chosen: dict[str, dict]) -> list[RunSpec]:
+    """Phase 2: every regime x row x seed with the row's chosen values."""
     specs = []
-    for variant, info in variants.items():
-        tname = f"{variant}-teacher"
+    for regime, info in regimes.items():
+        weights = out / "runs" / f"{regime}-teacher" / "last.pt"
         for seed in range(s.seeds):
-            for loss, _row, _p in LOSS_ROWS:
-                cfg = run_config(lmdb_dir, out, s, variant, loss, seed, out / "runs" / tname / "last.pt", lr=lrs[loss]["lr"])
-                specs.append(_spec(out, f"{variant}-{loss}-s{seed}", variant, loss, seed, cfg,
-                                   [tname] if loss != "ce" else [], info["train_images"], info["val_images"]))
+            store = f"{regime}-store-s{seed}"
+            for row in ROWS:
+                c = chosen[row.key]
+                cfg = run_config(s, regime_data(paths, regime), regime, row.key, seed, s.epochs[regime], c["lr"], c["T"],
+                                 teacher_weights=weights if row.distilled else None,
+                                 soft_labels=out / "stores" / store if row.distilled else None)
+                specs.append(_spec(out, f"{regime}-{row.key}-s{seed}", regime, row.key, seed, cfg,
+                                   [store] if row.distilled else [], info["train_images"], info["val_images"]))
     return specs
 
 
 def write_configs(specs: list[RunSpec]) -> None:
-    from wsld.checkpoint import atomic_write_text
+    from wsld.files import atomic_write_text
     from wsld.config import to_yaml
 
     for sp in specs:
         sp.config_path.parent.mkdir(parents=True, exist_ok=True)
-        what = "the teacher (CE)" if sp.loss == "teacher" else f"the student with {sp.loss}, seed {sp.seed}"
-        if sp.variant == "tune":
-            what = (f"learning-rate search, the student with {sp.loss} at lr {sp.config.train.lr:g} "
-                    "(val = held-out training images)")
-        header = (
-            f"# wsld demo, {sp.variant}: {what}. Written by `wsld demo`; rerun by hand with\n"
-            f"#   wsld train {sp.config_path} --out RUN_DIR\n"
-        )
+        if sp.row == "teacher":
+            what = "the teacher (CE)"
+        elif sp.is_store:
+            what = f"the soft-label store of seed {sp.seed} (run with: wsld {' '.join(sp.argv('fresh'))})"
+        elif sp.regime == "search":
+            what = f"search run of {sp.row} at lr {sp.grid[0]:g}, T {sp.grid[1]} (val = held-out training images)"
+        else:
+            what = f"the student with {sp.row}, seed {sp.seed}"
+        header = (f"# wsld demo, {sp.regime}: {what}. Written by `wsld demo`; rerun by hand with\n"
+                  f"#   wsld train {sp.config_path} --out RUN_DIR\n")  # fmt: skip
         if sp.deps:
-            header += f"# (model.teacher_weights is the last.pt of the run {sp.deps[0]}, configs/{sp.deps[0]}.yaml)\n"
+            header += f"# (needs the output of the run {sp.deps[0]}, configs/{sp.deps[0]}.yaml)\n"
         atomic_write_text(sp.config_path, header + to_yaml(sp.config))
 
 
 def run_state(sp: RunSpec) -> str:
-    """``done`` (summary.json), ``resume`` (a checkpoint) or ``fresh``; refuses a run directory that
-    holds a run of other settings (the demo would otherwise mix old and new numbers)."""
+    """``done``, ``resume`` or ``fresh``; refuses a run directory that holds a run of other settings
+    (the demo would otherwise mix old and new numbers)."""
     from wsld.config import load_config, to_dict
     from wsld.engine.rundir import RESUME_SAFE_KEYS, config_diff
 
+    if sp.is_store:
+        return "done" if sp.done_path.is_file() else ("resume" if sp.run_dir.exists() else "fresh")
     saved = sp.run_dir / "config.yaml"
     has_ckpt = (sp.run_dir / "last.pt").is_file()
-    done = (sp.run_dir / "summary.json").is_file()
+    done = sp.done_path.is_file()
     if not (has_ckpt or done):
         return "fresh"
     if saved.is_file():
@@ -234,11 +287,3 @@ def run_state(sp: RunSpec) -> str:
                 f"--out, or the same options as before (e.g. --quick, --epochs, --limit-per-class)"
             )
     return "done" if done else "resume"
-
-
-def train_argv(sp: RunSpec, state: str) -> list[str]:
-    """The ``wsld train`` arguments of a run (progress bars off: the demo shows its own)."""
-    if state == "resume":
-        return ["train", str(sp.config_path), "--resume", str(sp.run_dir), "train.progress=false"]
-    return ["train", str(sp.config_path), "--out", str(sp.run_dir), "train.progress=false"]
-

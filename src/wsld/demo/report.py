@@ -5,39 +5,45 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional
 
-from wsld.demo.plan import LOSS_NAMES
+from wsld.demo.plan import COMPARISONS, ROW_BY_KEY, SHORT_NAMES, STUDENT, TEACHER
 from wsld.demo.runner import duration
+from wsld.demo.stats import ci_sentence
+
+QUICK_NOTE = ("PIPELINE CHECK (--quick), NOT A COMPARISON: tiny data, 1 seed, 1 epoch; these numbers say nothing "
+              "about which loss is better, and no differences are reported")  # fmt: skip
+TITLES = {"balanced": "Balanced", "long-tail": "Long-tailed (ratio 100)", "small-data": "Small data (600 per class)"}
 
 
-def _fmt(m: float, sd: Optional[float]) -> str:
+def fmt(m: float, sd: Optional[float]) -> str:
+    """``91.20 ± 0.31`` (no ± for one value)."""
     return f"{m:.2f} ± {sd:.2f}" if sd is not None else f"{m:.2f}"
 
 
-def _params(name: str) -> int:
+def params(name: str) -> int:
+    """Parameters of a built-in model for the demo's 1-channel, 10-class data."""
     from wsld.models import build_model
 
-    return sum(p.numel() for p in build_model(name, 10, in_channels=3).parameters())
+    return sum(p.numel() for p in build_model(name, 10, in_channels=1).parameters())
 
 
-def results_table(results: dict[str, Any], variant: str) -> list[str]:
-    """The reference table's shape: Teacher, Original, KD, WSLD; mean ± std over seeds + per seed."""
-    v = results[variant]
-    seeds = [r["seed"] for r in v["losses"]["ce"]["seeds"]]
-    lines = [
-        f"| Network | Method | top-1 (%) | per seed ({', '.join(str(s) for s in seeds)}) |",
-        "|---|---|---|---|",
-        f"| cnn_teacher ({_params('cnn_teacher') / 1000:.1f}k params) | Teacher | {v['teacher']['top1']:.2f} "
-        f"(trained once) | {v['teacher']['top1']:.2f} |",
-    ]
-    student = f"cnn_student ({_params('cnn_student') / 1000:.1f}k params)"
-    for loss, e in v["losses"].items():
+def _hp(e: dict[str, Any]) -> str:
+    return f"lr {e['lr']:g}" + (f", T {e['T']:g}" if e["T"] is not None else "")
+
+
+def results_table(v: dict[str, Any]) -> list[str]:
+    """Teacher and the four rows: mean ± std over seeds and per seed."""
+    seeds = [r["seed"] for r in v["rows"]["ce"]["seeds"]]
+    lines = [f"| Network | Method | values | top-1 (%) | per seed ({', '.join(str(s) for s in seeds)}) |",
+             "|---|---|---|---|---|",
+             f"| {TEACHER} | Teacher | lr 0.1 | {v['teacher']['top1']:.2f} (trained once) | {v['teacher']['top1']:.2f} |"]
+    for e in v["rows"].values():
         per_seed = ", ".join(f"{r['top1']:.2f}" for r in e["seeds"])
-        lines.append(f"| {student} | {e['row']} | {_fmt(e['top1_mean'], e['top1_std'])} | {per_seed} |")
+        lines.append(f"| {STUDENT} | {e['name']} | {_hp(e)} | {fmt(e['top1_mean'], e['top1_std'])} | {per_seed} |")
     return lines
 
 
-def group_table(results: dict[str, Any], variant: str) -> list[str]:
-    v = results[variant]
+def group_table(v: dict[str, Any]) -> list[str]:
+    """Head / middle / tail accuracy of the teacher and every row."""
     counts, groups = v["class_counts"], v["groups"]
 
     def head(g: str) -> str:
@@ -47,132 +53,126 @@ def group_table(results: dict[str, Any], variant: str) -> list[str]:
     lines = [f"| Method | overall | {' | '.join(head(g) for g in groups)} |", "|---|---|" + "---|" * len(groups)]
     t = v["teacher"]
     lines.append(f"| Teacher | {t['top1']:.2f} | " + " | ".join(f"{t['group_top1'][g]:.2f}" for g in groups) + " |")
-    for _loss, e in v["losses"].items():
-        cells = [_fmt(e["group_top1"][g]["mean"], e["group_top1"][g]["std"]) for g in groups]
-        lines.append(f"| {e['row']} | {_fmt(e['top1_mean'], e['top1_std'])} | " + " | ".join(cells) + " |")
+    for e in v["rows"].values():
+        cells = [fmt(e["group_top1"][g]["mean"], e["group_top1"][g]["std"]) for g in groups]
+        lines.append(f"| {e['name']} | {fmt(e['top1_mean'], e['top1_std'])} | " + " | ".join(cells) + " |")
     return lines
 
 
-def comparison_lines(results: dict[str, Any], variant: str) -> list[str]:
-    v = results[variant]
-    out = []
-    for other in ("ce", "kd"):
-        d = v[f"wsld_minus_{other}"]
-        n = len(d["per_seed"])
-        spread = f" ± {d['std']:.2f}" if d["std"] is not None else ""
-        out.append(
-            f"WSLD − {LOSS_NAMES[other]}: {d['mean']:+.2f}{spread} points (paired by seed; per seed "
-            f"{', '.join(f'{x:+.2f}' for x in d['per_seed'])}): WSLD is ahead on {d['wsld_ahead']} of {n} seed(s)."
-        )
-    return out
+def difference_lines(v: dict[str, Any]) -> list[str]:
+    """The paired differences as a table and one plain sentence each."""
+    lines = ["| difference (points) | mean | 95% CI (t, over seeds) | per seed |", "|---|---|---|---|"]
+    sentences = []
+    for a, b in COMPARISONS:
+        d = v["differences"][f"{a}-{b}"]
+        ci = f"[{d['low']:+.2f}, {d['high']:+.2f}]" if d["low"] is not None else "(one seed: none)"
+        label = f"{SHORT_NAMES[a]} − {SHORT_NAMES[b]}"
+        lines.append(f"| {label} | {d['mean']:+.2f} | {ci} | {', '.join(f'{x:+.2f}' for x in d['per_seed'])} |")
+        sentences.append(ci_sentence(SHORT_NAMES[a], SHORT_NAMES[b] if b != "wsld_w1" else "WSLD with weights fixed at 1", d))
+    return lines + [""] + sentences
 
 
-def tuning_lines(meta: dict[str, Any]) -> list[str]:
-    """The learning-rate search: procedure and table (held-out top-1 per loss and rate)."""
-    t = meta["tuning"]
-    lrs = [f"{lr:g}" for lr in t["lrs"]]
+def search_lines(meta: dict[str, Any]) -> list[str]:
+    """The search: procedure and table (held-out top-1 per row and grid point)."""
+    t = meta["search"]
     lines = [
-        f"Before the comparison, every loss trains the student once per learning rate in {{{', '.join(lrs)}}} "
-        f"(per 256 images), seed 0, {t['epochs']} epochs, on the first {t['per_class']:,} training images of each "
-        f"class, and is evaluated on the next {t['per_class']:,} training images of each class (held out: never "
-        "trained on; the test images are not used). Each loss then uses, for every seed and both variants, the "
-        "rate with the best held-out top-1 at the last epoch. The KD/WSLD search runs use the balanced teacher.",
+        f"One search, the same budget for every row ({t['runs_per_row']} runs each): seed 0, {t['epochs']} epochs, "
+        f"trained on the small-data split (the first {t['train_per_class']:,} training images of each class) and "
+        f"scored on the next {t['heldout_per_class']:,} training images of each class (held out: never trained on; "
+        "the test images are not used). CE has no temperature, so its 4 runs are 4 learning rates. Each row then "
+        "uses its best point (bold) in every regime and seed. Rates are per 256 images.",
         "",
-        "```", *meta["tune_commands"], "```", "",
-        f"| loss | {' | '.join(f'lr {lr}' for lr in lrs)} | chosen |",
-        "|---|" + "---|" * (len(lrs) + 1),
+        "| row | " + " | ".join(f"run {i + 1}" for i in range(t["runs_per_row"])) + " | chosen |",
+        "|---|" + "---|" * (t["runs_per_row"] + 1),
     ]
-    for loss, v in t["chosen"].items():
-        cells = [f"**{v['heldout_top1'][lr]:.2f}**" if float(lr) == v["lr"] else f"{v['heldout_top1'][lr]:.2f}" for lr in lrs]
-        lines.append(f"| {LOSS_NAMES[loss]} | {' | '.join(cells)} | {v['lr']:g} |")
+    for key, c in t["chosen"].items():
+        cells = []
+        for e in c["table"]:
+            text = f"{_hp(e)}: {e['heldout_top1']:.2f}"
+            cells.append(f"**{text}**" if (e["lr"], e["T"]) == (c["lr"], c["T"]) else text)
+        lines.append(f"| {ROW_BY_KEY[key].name} | {' | '.join(cells)} | {_hp(c)} |")
     return lines
 
 
 def write_report(out: Path, results: dict[str, Any], meta: dict[str, Any], plots: list[Path]) -> str:
-    """``report.md``; returns the short table printed at the end of the demo."""
-    from wsld.checkpoint import atomic_write_text
+    """``report.md``; returns the short text printed at the end of the demo."""
+    from wsld.files import atomic_write_text
 
     s = meta["settings"]
-    busy = max(meta["machine"]["load_start"], meta["machine"]["load_end"]) > meta["machine"]["cpus"]
-    lines = ["# wsld demo: teacher / student alone / KD / WSLD on Fashion-MNIST", ""]
-    lines.append(f"Command: `{meta['command']}`" + (" (`--quick`: a pipeline check, not the comparison)" if s["quick"] else ""))
-    lines.append("")
-    lines.append(
-        f"Machine: {meta['machine']['cpus']} CPU cores, {meta['machine']['device']}, torch {meta['machine']['torch']}; "
-        f"{s['jobs']} run(s) at a time, {s['threads']} thread(s) each. Training took "
-        f"{duration(meta['training_span_s'])} from the first run's start to the last run's end (from the runs' "
-        f"metrics.jsonl), {duration(meta['runs_s'])} summed over runs; this invocation of the demo took "
-        f"{duration(meta['wall_s'])}. Load average (1 min) at the start / end of this invocation: "
-        f"{meta['machine']['load_start']:.1f} / {meta['machine']['load_end']:.1f} on {meta['machine']['cpus']} cores"
-        + (" (above the core count: other processes competed for the CPUs)." if busy else ".")
-    )
-    lines.append("")
-    lines.append(
-        "Numbers are the **last epoch's** top-1 on the test images (no checkpoint picked on the test set), "
-        "mean ± sample standard deviation over seeds; the teacher is trained once per variant (seed 0)."
-    )
-    for variant, v in results.items():
-        n_tr, n_val = v["train_images"], v["val_images"]
-        if variant == "balanced":
-            lines += ["", f"## Balanced ({n_tr:,} training images, {n_val:,} test images)", ""]
-            lines += results_table(results, variant)
-        else:
-            lines += ["", f"## Long-tailed (imbalance ratio 100: {n_tr:,} training images, balanced {n_val:,} test images)", ""]
-            lines.append("Training images per class: " + ", ".join(f"{c} {n:,}" for c, n in zip(v["classes"], v["class_counts"])) + ".")
-            lines.append("Head / middle / tail = the first / middle / last third of classes by training count (3 / 4 / 3 classes); "
-                         "a group's accuracy is the mean of its classes' accuracies.")
-            lines.append("")
-            lines += results_table(results, variant)
-            lines += [""] + group_table(results, variant)
+    quick = s["quick"]
+    m = meta["machine"]
+    busy = max(m["load_start"], m["load_end"]) > m["cpus"]
+    pt, ps = params(TEACHER), params(STUDENT)
+    lines = ["# wsld demo: teacher / student alone / KD / WSLD / WSLD with weights fixed at 1, on Fashion-MNIST", ""]
+    if quick:
+        lines += [f"**{QUICK_NOTE}.**", ""]
+    lines += [
+        f"Command: `{meta['command']}`", "",
+        f"Machine: {m['cpus']} CPU cores, {m['device']}, torch {m['torch']}; {s['jobs']} run(s) at a time, "
+        f"{s['threads']} thread(s) each. This invocation took **{duration(meta['wall_s'])}** of wall time "
+        f"({duration(meta['runs_s'])} summed over the runs it trained; from the runs' own metrics, training spans "
+        f"{duration(meta['training_span_s'])}). Load average (1 min) at its start / end: {m['load_start']:.1f} / "
+        f"{m['load_end']:.1f} on {m['cpus']} cores" + (" (above the core count: other processes competed for the CPUs)." if busy else "."),
+        "",
+        f"Pair: teacher `{TEACHER}` ({pt:,} parameters), student `{STUDENT}` ({ps:,} parameters, {pt / ps:.1f}x fewer), "
+        "both CIFAR ResNets with BatchNorm (chosen before the runs: docs/demo.md).",
+        "",
+        "Numbers are the **last epoch's** test top-1 (%) on the test images (no checkpoint picked on the test set), "
+        f"mean ± sample standard deviation over {s['seeds']} seed(s); each teacher is trained once on its regime's split.",
+    ]  # fmt: skip
+    for regime, v in results.items():
+        e = meta["epochs"][regime]
+        lines += ["", f"## {TITLES[regime]}: {v['train_images']:,} training images, {v['val_images']:,} test images", "",
+                  f"Student epochs {e['student']}, teacher epochs {e['teacher']}. Teacher − student alone (CE): "
+                  f"{v['student_gap']:.2f} points.", ""]  # fmt: skip
+        lines += results_table(v)
+        if regime == "long-tail":
+            lines += ["", "Training images per class: " + ", ".join(f"{c} {n:,}" for c, n in zip(v["classes"], v["class_counts"])) + ".",
+                      "Head / middle / tail = the first / middle / last third of classes by training count; a group's "
+                      "accuracy is the mean of its classes' accuracies.", ""]  # fmt: skip
+            lines += group_table(v)
         lines.append("")
-        lines += comparison_lines(results, variant)
+        if quick:
+            lines.append(f"({QUICK_NOTE}.)")
+        else:
+            lines += ["Paired by seed (every row of a seed has the same initialisation, data order and crops):", ""]
+            lines += difference_lines(v)
+    lines += ["", "## Search", ""] + search_lines(meta)
     lines += ["", "## Plots", ""]
     for p in plots:
-        lines.append(f"![{p.stem}](plots/{p.name})")
-        lines.append("")
-    r = meta["recipe"]
+        lines += [f"![{p.stem}](plots/{p.name})", ""]
     lines += [
         "## How the numbers were made", "",
-        "Data, as a user prepares ImageNet (the export writes class folders whose sorted order is the label order):", "",
-        "```",
-        f"# export: {meta['data_root']}/{{train,val}}/<class>/<index>.png (the test images are val)",
-        *meta["data_commands"],
-        "```", "",
-        "Every run is `wsld train CONFIG --out RUN_DIR` with a config written to `configs/` (rerun any row by hand "
-        "with the same command). One recipe for every loss; only `distill` differs:", "",
-        f"- student `cnn_student`, teacher `cnn_teacher`, 3-channel 28x28 PNGs decoded from the LMDB, "
-        f"normalised with Fashion-MNIST's mean/std",
-        f"- epochs: {r['epochs']} (teacher: {r['teacher_epochs']}), batch {r['batch_size']}, SGD momentum 0.9 Nesterov, "
-        f"lr x batch/256 with the lr per loss chosen below (teacher: 0.1), cosine schedule, weight decay 5e-4, fp32",
-        "- augmentation: random 28x28 crop of the image zero-padded by 2 pixels + horizontal flip "
-        "(`data.train_crop=padded`); test: the image as it is",
-        "- KD: T = 4, alpha = 0.9 (`(1 - alpha) CE + alpha T^2 KL`); WSLD: T = 4, alpha = 2.25 "
-        "(`CE + alpha * weighted soft term`), the authors' CIFAR-100 values",
-        "- one search, the same for every loss: the learning rate (table below); every other value was fixed "
-        "before the runs and is the same for every loss and seed",
-        "- the teacher is its own CE run (`<variant>-teacher`), trained once per variant on that variant's training "
-        "split; every KD/WSLD run loads its `last.pt` as `model.teacher_weights`",
-        "- the teacher's output is computed **online** in every step, on the exact augmented batch the student sees "
-        "(teacher in eval mode, BatchNorm running statistics, no gradient)",
-        "- seed s fixes the student's initialisation and the data order/augmentation, the same for every loss, so "
-        "differences are also given paired by seed",
-        "", "## Learning rate: one search per loss, the same for every loss", "",
-        *tuning_lines(meta), "", "## Runs", "",
-        "| run | config | last top-1 | best top-1 (epoch) | time |", "|---|---|---|---|---|",
+        "Every run is `wsld train CONFIG --out RUN_DIR` (stores: `wsld soft-labels CONFIG --crops E --topk 10 "
+        "--precision float32 --out STORE`) with a config in `configs/`; rerun any row by hand with the same command.",
+        "",
+        "- data: the built-in Fashion-MNIST (`data.format=builtin`); the small-data and search splits are IDX subsets "
+        "written under `data/`; augmentation random crop of the image zero-padded by 2 pixels + horizontal flip",
+        "- recipe, every row: batch 128, SGD momentum 0.9 Nesterov, cosine schedule, weight decay 5e-4, no warm-up, "
+        "lr x batch/256 as chosen by the search (teacher: 0.1), fp32",
+        "- KD: `(1 - alpha) CE + alpha T^2 KL`, alpha 0.9; WSLD: `CE + alpha T^2 mean_i(w_i softCE_i)`, alpha 2.5; "
+        "WSLD with weights fixed at 1: the same with `distill.params={weighting: off}`",
+        "- distilled rows read the teacher's outputs from soft-label stores (one per regime and seed, crops = epochs, "
+        "all 10 classes in float32: exact, the same losses as online distillation, on the batches the CE run of the "
+        "same seed sees)",
+        "",
+        "## Runs", "",
+        "| run | last top-1 | time |", "|---|---|---|",
     ]  # fmt: skip
     for run in meta["runs"]:
         t = duration(run["seconds"]) if run["seconds"] is not None else "earlier"
-        lines.append(f"| {run['name']} | `configs/{run['name']}.yaml` | {run['top1']:.2f} | {run['best_top1']:.2f} "
-                     f"({run['best_epoch']}) | {t} |")
+        top1 = f"{run['top1']:.2f}" if run["top1"] is not None else "(store)"
+        lines.append(f"| {run['name']} | {top1} | {t} |")
     atomic_write_text(out / "report.md", "\n".join(lines) + "\n")
 
-    printed = []
-    for variant in results:
-        printed += ["", f"Fashion-MNIST, {variant} (test top-1 %, last epoch, mean ± std over seeds)"]
-        printed += results_table(results, variant)
-        if variant == "long-tail":
-            printed += group_table(results, variant)
-        printed += comparison_lines(results, variant)
+    printed = [f"*** {QUICK_NOTE} ***"] if quick else []
+    for regime, v in results.items():
+        printed += ["", f"Fashion-MNIST, {TITLES[regime].lower()} (test top-1 %, last epoch, mean ± std over seeds)"]
+        printed += results_table(v)
+        if regime == "long-tail":
+            printed += group_table(v)
+        if not quick:
+            printed += [ln for ln in difference_lines(v) if ln and not ln.startswith("|")]
+    if quick:
+        printed += ["", f"*** {QUICK_NOTE} ***"]
     return "\n".join(printed)
-
-

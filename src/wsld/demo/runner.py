@@ -1,4 +1,4 @@
-"""Runs the planned ``wsld train`` runs in dependency order, in this process or as parallel processes."""
+"""Runs the planned ``wsld train`` / ``wsld soft-labels`` processes in dependency order, in this process or in parallel."""
 
 from __future__ import annotations
 
@@ -12,18 +12,18 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from wsld.demo.plan import RunSpec, Settings, train_argv
+from wsld.demo.plan import RunSpec, Settings
 from wsld.errors import UserError
 
 
 def duration(seconds: float) -> str:
+    """``42s``, ``3m05s``, ``1h02m``."""
     seconds = int(round(seconds))
     if seconds < 60:
         return f"{seconds}s"
     if seconds < 3600:
         return f"{seconds // 60}m{seconds % 60:02d}s"
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-
 
 
 def _run_progress(sp: RunSpec) -> float:
@@ -86,8 +86,8 @@ class Runner:
         self.done_cost += sp.cost
         self.times[name] = seconds
         try:
-            summary = json.loads((sp.run_dir / "summary.json").read_text(encoding="utf-8"))
-            top1 = f"top-1 {summary['last_top1']:.2f}"
+            summary = json.loads(sp.done_path.read_text(encoding="utf-8"))
+            top1 = f"top-1 {summary['last_top1']:.2f}" if not sp.is_store else f"{sp.crops} crops per image stored"
         except (OSError, ValueError, KeyError):
             top1 = "no summary"
         eta = ""
@@ -109,10 +109,11 @@ class Runner:
             else:
                 todo.append((sp.name, state))
         if len(self.done):
-            self.log(f"reusing {len(self.done)} finished run(s) in {next(iter(self.specs.values())).run_dir.parent}")
+            self.log(f"reusing {len(self.done)} finished run(s) in {next(iter(self.specs.values())).config_path.parent.parent}")
         if not todo:
             return self.times
-        todo.sort(key=lambda item: self.specs[item[0]].loss != "teacher")  # teachers first: the others wait for them
+        # teachers first, then stores: the others wait for them
+        todo.sort(key=lambda item: {"teacher": 0, "store": 1}.get(self.specs[item[0]].row, 2))
         self.t0, self.start_cost = time.perf_counter(), self.done_cost
         self.bar = tqdm(total=self.total_cost, initial=self.done_cost, desc="wsld demo", file=self.stream,
                         disable=not (self.progress and self.stream.isatty()), dynamic_ncols=True, mininterval=1.0,
@@ -137,6 +138,15 @@ class Runner:
         tail = _log_tail(sp.log_path)
         return UserError(f"demo run {name} failed ({why}); log: {sp.log_path}" + (f": {tail}" if tail else "")
                          + "; fix the cause and run the same command again to continue")
+
+    @staticmethod
+    def _complete(sp: RunSpec) -> bool:
+        """Whether a process that exited 0 left its result; a store gets its marker here."""
+        if sp.is_store and sp.run_dir.is_dir():
+            from wsld.files import atomic_write_text
+
+            atomic_write_text(sp.done_path, json.dumps({"store": str(sp.run_dir), "crops": sp.crops}))
+        return sp.done_path.is_file()
 
     def _run_here(self, todo: list[tuple[str, str]]) -> None:
         """One run at a time in this process, exactly as ``wsld train`` (the CLI's main)."""
@@ -171,12 +181,12 @@ class Runner:
                 t0 = time.perf_counter()
                 with open(sp.log_path, "a", encoding="utf-8") as logf, contextlib.redirect_stdout(logf), \
                         contextlib.redirect_stderr(logf):
-                    print(f"$ wsld {' '.join(train_argv(sp, state))}", flush=True)
-                    rc = main(train_argv(sp, state))
+                    print(f"$ wsld {' '.join(sp.argv(state))}", flush=True)
+                    rc = main(sp.argv(state))
                 current.clear()
                 if rc == 130:  # Ctrl-C: the run keeps its checkpoint, the next demo resumes it
                     raise KeyboardInterrupt
-                if rc != 0 or not (sp.run_dir / "summary.json").is_file():
+                if rc != 0 or not self._complete(sp):
                     raise self._fail(name, f"exit status {rc}")
                 self._finished(name, time.perf_counter() - t0)
                 self._update(current)
@@ -205,7 +215,7 @@ class Runner:
                     sp = self.specs[name]
                     sp.log_path.parent.mkdir(parents=True, exist_ok=True)
                     logf = open(sp.log_path, "a", encoding="utf-8")
-                    argv = train_argv(sp, state)
+                    argv = sp.argv(state)
                     logf.write(f"$ wsld {' '.join(argv)}\n")
                     logf.flush()
                     proc = subprocess.Popen([sys.executable, "-m", "wsld", *argv], stdout=logf, stderr=subprocess.STDOUT,
@@ -220,7 +230,7 @@ class Runner:
                         continue
                     logf.close()
                     del running[name]
-                    if rc != 0 or not (self.specs[name].run_dir / "summary.json").is_file():
+                    if rc != 0 or not self._complete(self.specs[name]):
                         raise self._fail(name, f"exit status {rc}")
                     self._finished(name, time.perf_counter() - t0)
                 self._update(running)
