@@ -1,10 +1,4 @@
-"""Crop geometry: the box and flip a seeded training crop used, read from the training transform itself.
-
-Crop replay needs no geometry code of its own: the training augmentation of sample ``i`` runs
-under the seed ``sample_seed(seed, epoch, i)`` (``data.sampling``), so the same transform under
-the same seed gives the same pixels. The box and flip bit are stored beside the teacher's
-outputs so that the replay can be checked against them.
-"""
+"""Crop geometry: the box and flip a seeded training crop used, read from the training transform itself."""
 
 from __future__ import annotations
 
@@ -102,7 +96,12 @@ def is_sample(item: Any) -> bool:
 
 
 class CropRecorder:
-    """A view of a training dataset whose items also say which box and flip the crop used."""
+    """A view of a training dataset whose items also say which box and flip the crop used.
+
+    Replay needs no geometry of its own: sample ``i`` is augmented under the seed
+    ``sample_seed(seed, epoch, i)``, so the same transform under the same seed gives the same
+    pixels; the box and flip are stored so that the replay can be checked against them.
+    """
 
     def __init__(self, dataset: Dataset):
         base, self.to_base = base_dataset(dataset)

@@ -1,12 +1,4 @@
-"""``wsld soft-labels``: run the teacher on K seeded training crops of every image and write the store, on one or N processes.
-
-Batches are a fixed partition of the image indices (``images_per_batch`` consecutive images,
-minus those already stored), so the teacher sees the same batches whatever the number of
-processes and whatever was done before: rank ``r`` of ``W`` runs batches ``r, r + W, ...``.
-Rank 0 is the only writer: every round it gathers the W batches' records (``all_gather_object``)
-and commits them in one LMDB transaction, so a killed run leaves whole batches and the same
-command, on any number of processes, finishes it (the resume logic of one process).
-"""
+"""``wsld soft-labels``: run the teacher on K seeded training crops of every image and write the store, on one or N processes."""
 
 from __future__ import annotations
 
@@ -59,6 +51,7 @@ class ImageCrops(Dataset):
 
 
 def keep_list(items: list) -> list:
+    """Collate that keeps a batch's ``ImageCrops`` items as they are (unreadable ones included)."""
     return items
 
 
@@ -180,7 +173,14 @@ def make_soft_labels(
     log: Log = lambda m: print(f"[wsld] {m}", file=sys.stderr, flush=True), rt: Optional[Runtime] = None,
 ) -> Optional[dict[str, Any]]:
     """Write (or finish) the soft-label store ``out``, on this process or, under torchrun, on all
-    ranks of ``rt`` together. Returns a summary (counts, sizes) on rank 0, None on the others."""
+    ranks of ``rt`` together. Returns a summary (counts, sizes) on rank 0, None on the others.
+
+    The batches are fixed (``plan_batches``), so the teacher sees the same batches for any number
+    of processes and the records are the same bytes; rank ``r`` of ``W`` runs batches
+    ``r, r + W, ...``. Rank 0 is the only writer: each round it gathers the W batches' records
+    (``all_gather_object``) and commits them in one transaction, so a killed run leaves whole
+    batches behind and the same command, on any number of processes, finishes it.
+    """
     from tqdm import tqdm
 
     from wsld.data import build_datasets
@@ -250,16 +250,15 @@ def make_soft_labels(
             for r in range(rounds):
                 items = next(loader) if r < len(mine) else []
                 part = crop_records(items, teacher, normalize, dev, amp, crops, topk, precision, train_ds)
-                parts = [part]
+                parts: list[Any] = [part]
                 if rt.distributed:
                     parts = [None] * rt.world_size
                     dist.all_gather_object(parts, part)
                 if rt.is_main:
-                    for values, messages in parts:  # type: ignore[misc]
-                        for m in messages:
-                            say(m)
-                    write_values(env, {i: v for values, _ in parts for i, v in values.items()})  # type: ignore[misc]
-                    bar.update(sum(len(values) for values, _ in parts))  # type: ignore[misc]
+                    for m in (m for _, messages in parts for m in messages):
+                        say(m)
+                    write_values(env, {i: v for values, _ in parts for i, v in values.items()})
+                    bar.update(sum(len(values) for values, _ in parts))
         bar.close()
         bad = on_main(rt, lambda: finish_store(env, out, n))
     finally:

@@ -53,6 +53,6 @@ def collate_replay(samples: list) -> Batch:
     the order of ``images`` (corrupt samples are set aside as by the default collate)."""
     from wsld.data.datasets import collate_skip_corrupt
 
-    images, targets, bad = collate_skip_corrupt([s[:2] if isinstance(s, tuple) and len(s) == 3 else s for s in samples])
+    images, targets, bad = collate_skip_corrupt(samples)  # it reads items 0 and 1 of each sample
     recs = [s[2] for s in samples if isinstance(s, tuple) and len(s) == 3]
     return Batch(images, targets, bad, teacher_records=records_to_tensors(np.concatenate(recs)) if recs else None)

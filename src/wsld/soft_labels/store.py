@@ -1,27 +1,4 @@
-"""The soft-label store: record layout, the stored form of teacher logits and their rebuild, the LMDB reader.
-
-Store (one LMDB directory):
-
-- ``__wsld_soft_labels_meta__``: JSON (format, version, crops K, topk k, precision, classes,
-  count, teacher and the SHA-256 of its weights, seed, the data keys that shape a crop, the
-  SHA-256 of the labels), written first; ``__wsld_soft_labels_complete__``: JSON
-  ``{"count": n, ...}``, written last. Without it the store is incomplete and training refuses it.
-- 8-byte big-endian image index -> K packed records (``record_dtype``): ``box`` (top, left,
-  height, width in source-image pixels; negative = padding), ``flip``, ``class_index`` (top-k
-  classes, most probable first), ``log_prob`` (top-k log-probabilities at T = 1, float16 by
-  default), ``lse`` (log-sum-exp of all logits), ``true_logit`` (logit of the labelled class),
-  ``tail_lse`` (log-sum-exp of the classes neither in the top-k nor labelled; -inf if none) and,
-  from version 2, ``others_lse`` (log-sum-exp of the stored classes other than the labelled one;
-  -inf if none), all float32 computed in float64. An unreadable image has an empty value.
-
-Rebuild (``teacher_logits_from_stored``), in T = 1 log-probabilities plus ``lse``: the labelled
-class gets ``true_logit - lse``; the ``n`` unstored classes share ``tail_lse - lse`` equally; the
-other stored classes share ``others_lse - lse`` in the proportions of their stored
-log-probabilities. No term is a difference of probabilities, so nothing cancels for a confident
-teacher: with k = C and float32 every logit is exact to float32 whatever the margin. Version-1
-stores have no ``others_lse``; their stored mass is ``1 - p(y) - tail`` in float32 as before
-(which cancels when ``p(y)`` is near 1).
-"""
+"""The soft-label store: its record layout, the stored form of teacher logits and their rebuild, and the LMDB reader (format: docs/soft_labels.md)."""
 
 from __future__ import annotations
 
@@ -57,7 +34,12 @@ RECORD_TENSORS = ("log_prob", "class_index", "lse", "true_logit", "tail_lse", "o
 
 
 def record_dtype(topk: int, num_classes: int, precision: str = "float16", version: int = FORMAT_VERSION) -> np.dtype:
-    """Packed record of one crop (see the module doc); version 1 lacks ``others_lse``."""
+    """Packed record of one crop: ``box`` (top, left, height, width in source-image pixels;
+    negative = padding), ``flip``, ``class_index`` (top-k classes, most probable first),
+    ``log_prob`` (their log-probabilities at T = 1), ``lse`` (log-sum-exp of all logits),
+    ``true_logit`` (the labelled class's logit), ``tail_lse`` (log-sum-exp of the classes neither
+    stored nor labelled) and ``others_lse`` (of the stored classes other than the labelled one;
+    not in version 1). The float32 fields are float64 values rounded once."""
     index_type = "<u2" if num_classes <= 65535 else "<i4"
     fields = [
         ("box", "<i4", (4,)), ("flip", "u1"), ("class_index", index_type, (topk,)),
@@ -76,7 +58,13 @@ def teacher_logits_from_stored(
     log_prob: Tensor, class_index: Tensor, lse: Tensor, true_logit: Tensor, tail_lse: Tensor, target: Tensor,
     num_classes: int, others_lse: Optional[Tensor] = None,
 ) -> Tensor:
-    """Full (N, C) teacher logits rebuilt from stored top-k values (float32; see the module doc).
+    """Full (N, C) teacher logits rebuilt from stored top-k values (float32).
+
+    Logits are only defined up to a constant, so the rebuild works in T = 1 log-probabilities and
+    adds ``lse`` at the end: the labelled class gets ``true_logit - lse``; the ``n`` unstored
+    classes share ``tail_lse - lse`` equally; the other stored classes share ``others_lse - lse``
+    in the proportions of their stored log-probabilities. No step subtracts probabilities, so a
+    confident teacher loses nothing: with k = C and float32 every logit is exact to float32.
 
     ``log_prob``/``class_index``: (N, k) top-k log-probabilities at T = 1 and their classes;
     ``lse``: (N,) log-sum-exp of all C logits; ``true_logit``: (N,) the logit of ``target``;
@@ -164,7 +152,13 @@ def image_count(env) -> int:
 
 
 class SoftLabelStore:
-    """A finished soft-label store opened for reading; safe in DataLoader workers (opens per process)."""
+    """A finished soft-label store opened for reading; safe in DataLoader workers (opens per process).
+
+    One LMDB directory: ``META_KEY`` (JSON: format, version, crops K, topk k, precision, classes,
+    count, teacher and the SHA-256 of its weights, seed, the crop data keys, the labels' SHA-256),
+    written first; the 8-byte big-endian image index -> its K packed records (empty: the image was
+    unreadable); ``COMPLETE_KEY`` written last (without it the store is incomplete and refused).
+    """
 
     def __init__(self, path: str | Path):
         self.path = Path(os.path.expanduser(str(path)))
