@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -225,3 +227,15 @@ def test_resolve_decode(root, tmp_path):
     cfg.data.decode = "nvjpeg"
     with pytest.raises(UserError, match="data.decode"):
         validate(cfg)
+
+
+def test_bench_scripts_run_on_cpu(tmp_path):
+    """bench/gpu_decode.py runs end to end with tiny sizes; bench/gpu_figures.sh parses."""
+    repo = Path(__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, str(repo / "bench" / "gpu_decode.py"), "--images", "4", "--image-size", "32",
+                          "--batch-size", "4", "--repeats", "1", "--diff-sizes", "32", "--threads", "1",
+                          "--workdir", str(tmp_path), "--out", str(tmp_path / "r.json")],
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "train 32 px, fast_decode=False" in out.stdout and (tmp_path / "r.json").exists()
+    assert subprocess.run(["bash", "-n", str(repo / "bench" / "gpu_figures.sh")]).returncode == 0

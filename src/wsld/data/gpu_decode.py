@@ -134,8 +134,8 @@ def encoded_view(dataset: Dataset) -> Dataset:
 
 
 def resolve_decode(mode: str, device: torch.device, dataset: Dataset, probe: int = 16) -> str:
-    """``cpu`` or ``gpu`` for ``data.decode``; ``auto`` is gpu on CUDA when the first ``probe`` train
-    samples (spread over the split) are device-decodable JPEGs and the augmentation runs on the device."""
+    """``cpu`` or ``gpu`` for ``data.decode``; ``auto`` is gpu on CUDA when ``probe`` train samples spread
+    over the split are device-decodable JPEGs and the augmentation can run on the device."""
     if mode not in DECODE_MODES:
         raise UserError(f"config key 'data.decode': '{mode}' is not one of {', '.join(DECODE_MODES)}")
     if mode != "auto":
