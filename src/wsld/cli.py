@@ -10,6 +10,7 @@ import argparse
 import importlib
 import os
 import sys
+import threading
 
 from wsld import __version__
 from wsld.errors import UserError
@@ -55,7 +56,18 @@ def one_line(err: BaseException) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
+def quiet_thread_errors(args: threading.ExceptHookArgs) -> None:
+    """A library's background thread that fails (TensorBoard's event writer on a full disk) says
+    so in one line; what matters to the run is reported by the main thread."""
+    if issubclass(args.exc_type, OSError):
+        name = args.thread.name if args.thread is not None else "a background thread"
+        print(f"[wsld] warning: {name} stopped: {one_line(args.exc_value) if args.exc_value else args.exc_type.__name__}", file=sys.stderr)
+        return
+    threading.__excepthook__(args)
+
+
 def main(argv: list[str] | None = None) -> int:
+    threading.excepthook = quiet_thread_errors
     parser = build_parser()
     # `wsld train CONFIG --out DIR key=value ...`: argparse stops filling a positional list at an
     # option, so key=value items after it come back as extras; a command that takes them names its

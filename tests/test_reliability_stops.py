@@ -1,0 +1,326 @@
+"""Issue 13, engine side: graceful stops (SIGTERM/SIGINT), elastic restarts, locks, verified
+checkpoints, finite checkpoints only, weak teachers, a disk that fills during training, first runs
+that train their teacher, and checkpoints written before the package redesign."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from reliability_helpers import (
+    TINY, TORCHRUN_2, WSLD, assert_same_run, assert_same_tensors, load, records, run_to_end, sub_env,
+)  # fmt: skip
+from safetensors.torch import load_file, save_file
+
+from wsld.cli import main
+
+FIXTURES = Path(__file__).parent / "fixtures"
+CE2 = [*TINY, "distill.loss=ce", "train.epochs=2"]  # 21 steps an epoch, checkpoint every 8 steps
+
+
+def _start(cmd: list[str], log: Path, **env: str) -> subprocess.Popen:
+    with open(log, "wb") as out:
+        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=sub_env(**env), start_new_session=True)
+
+
+def _wait_for(pred, p: subprocess.Popen, log: Path, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if p.poll() is not None:
+            raise AssertionError(f"ended (exit {p.returncode}) too early:\n{log.read_text(errors='replace')[-3000:]}")
+        assert time.monotonic() < deadline, log.read_text(errors="replace")[-3000:]
+        time.sleep(0.02)
+
+
+def _trained_to(run: Path, step: int):
+    return lambda: any(r["kind"] == "train" and r["global_step"] >= step for r in records(run))
+
+
+def _last_line(log: Path) -> str:
+    lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
+def _finish(p: subprocess.Popen) -> None:
+    if p.poll() is None:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
+
+
+@pytest.fixture(scope="module")
+def ce_baseline(tmp_path_factory) -> Path:
+    """The uninterrupted run every stopped-and-resumed CE run must equal."""
+    run = tmp_path_factory.mktemp("ce_baseline") / "run"
+    p = run_to_end([*WSLD, "train", *CE2, "--out", str(run)], run.parent / "log.txt")
+    assert p.returncode == 0, (run.parent / "log.txt").read_text()
+    return run
+
+
+# --------------------------------------------------------------------------- graceful stops
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_signal_mid_epoch_checkpoints_then_resume_is_bit_identical(tmp_path, ce_baseline, sig, code):
+    """The whole process group is signalled (a scheduler's preemption, a terminal's Ctrl-C), the
+    loader worker included: the current step finishes, last.pt holds it, exit 143/130 with one line
+    naming the checkpoint and the resume command; the resumed run equals the uninterrupted one."""
+    run = tmp_path / "run"
+    log = tmp_path / "1.log"
+    p = _start([*WSLD, "train", *CE2, "data.workers=1", "--out", str(run)], log, WSLD_TEST_SLOW_STEP="0.05")
+    try:
+        _wait_for(_trained_to(run, 4), p, log)
+        os.killpg(p.pid, sig)
+        rc = p.wait(timeout=120)
+    finally:
+        _finish(p)
+    out = log.read_text(errors="replace")
+    assert rc == code and "Traceback" not in out, out
+    line = _last_line(log)
+    assert signal.Signals(sig).name in line and str(run / "last.pt") in line and f"wsld train --resume {run}" in line
+    ck = load(run / "last.pt")
+    assert ck["epoch"] == 0 and 4 <= ck["step_in_epoch"] < 21  # mid-epoch, at the step it stopped after
+    assert not (run / "summary.json").exists() and not (run / ".lock").exists()
+    p2 = run_to_end([*WSLD, "train", "--resume", str(run), "data.workers=0"], tmp_path / "2.log")
+    assert p2.returncode == 0, (tmp_path / "2.log").read_text()
+    assert_same_run(run, ce_baseline)
+
+
+def test_elastic_restart_after_a_rank_is_killed_finishes_like_an_uninterrupted_run(tmp_path):
+    """torchrun --max-restarts: rank 1 is killed -9 mid-epoch in the first attempt; the restarted
+    job continues the run from its last checkpoint by itself and ends with the same weights."""
+    want, got = tmp_path / "want", tmp_path / "got"
+    args = [*TINY, "distill.loss=ce", "train.epochs=1"]
+    p = run_to_end([*TORCHRUN_2, "train", *args, "--out", str(want)], tmp_path / "want.log")
+    assert p.returncode == 0, (tmp_path / "want.log").read_text()
+    # more than one restart allowed: on a loaded machine gloo's reconnect after a restart can time
+    # out once; every attempt after the kill must still continue from the same checkpoint
+    elastic = [TORCHRUN_2[0], *TORCHRUN_2[1:3], "--max-restarts=3", *TORCHRUN_2[3:]]
+    p = run_to_end([*elastic, "train", *args, "--out", str(got)], tmp_path / "got.log", env=sub_env(WSLD_TEST_KILL9="1:12"), timeout=300)
+    out = (tmp_path / "got.log").read_text(errors="replace")
+    assert p.returncode == 0, out
+    resumes = [r for r in records(got) if r["kind"] == "resume"]
+    assert resumes and all(r["global_step"] == 8 for r in resumes), resumes  # continued from the step-8 checkpoint
+    assert_same_tensors(load(got / "last.pt")["student"], load(want / "last.pt")["student"], "student")
+
+
+# --------------------------------------------------------------------------- locks
+
+
+def test_a_second_run_or_resume_on_a_live_run_directory_is_refused_naming_the_pid(tmp_path):
+    run = tmp_path / "run"
+    log = tmp_path / "1.log"
+    p = _start([*WSLD, "train", *CE2, "--out", str(run)], log, WSLD_TEST_SLOW_STEP="0.1")
+    try:
+        _wait_for(lambda: (run / "last.pt").is_file(), p, log)
+        for argv in (["train", *CE2, "--out", str(run)], ["train", "--resume", str(run)]):
+            q = subprocess.run([*WSLD, *argv], capture_output=True, text=True, env=sub_env(), timeout=120)
+            assert q.returncode == 2 and "Traceback" not in q.stderr, q.stderr
+            line = q.stderr.strip().splitlines()[-1]
+            assert "in use by another wsld process" in line and f"pid {p.pid}" in line, line
+        assert p.poll() is None  # the first run was not disturbed
+    finally:
+        _finish(p)
+
+
+def test_two_runs_sharing_a_teacher_setup_train_the_teacher_once(tmp_path):
+    cache = f"model.teacher_cache={tmp_path / 'cache'}"
+    args = [*TINY, cache, "train.epochs=1"]
+    a = _start([*WSLD, "train", *args, "--out", str(tmp_path / "a")], tmp_path / "a.log", WSLD_TEST_SLOW_STEP="0.1")
+    try:
+        _wait_for(lambda: any((tmp_path / "cache").glob("*/.lock")), a, tmp_path / "a.log")
+        b = subprocess.run([*WSLD, "train", *args, "--out", str(tmp_path / "b")], capture_output=True, text=True, env=sub_env(), timeout=300)
+        assert a.wait(timeout=300) == 0
+    finally:
+        _finish(a)
+    assert b.returncode == 0, b.stderr
+    assert f"pid {a.pid}" in b.stderr and "waiting" in b.stderr and "teacher: reusing" in b.stderr
+    assert "training cnn_teacher" in (tmp_path / "a.log").read_text() and "training cnn_teacher" not in b.stderr
+
+
+# --------------------------------------------------------------------------- verified checkpoints
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("finished") / "run"
+    assert main(["train", *CE2, "train.epochs=1", "--out", str(run)]) == 0
+    return run
+
+
+def _flip_a_weight_bit(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    at = data.find(b"data/0") + 600  # inside the first tensor's bytes
+    data[at] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+def test_a_flipped_bit_in_last_pt_is_refused_by_eval_export_and_resume(tmp_path, finished, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    (run / "summary.json").unlink()  # so --resume would continue it
+    _flip_a_weight_bit(run / "last.pt")
+    for argv in (["eval", str(run / "last.pt")], ["export", str(run / "last.pt"), "--format", "safetensors"],
+                 ["train", "--resume", str(run)]):  # fmt: skip
+        capsys.readouterr()
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "damaged (CRC mismatch" in err[0] and str(run / "last.pt") in err[0], err
+        assert f"{run / 'best.pt'} is intact" in err[0]
+    assert main(["eval", str(run / "best.pt")]) == 0
+
+
+def test_a_checkpoint_of_another_format_or_a_newer_version_is_refused(tmp_path, finished, capsys):
+    ck = load(finished / "last.pt")
+    for tag, found in (("wsld-checkpoint-9", "'wsld-checkpoint-9'"), ("other-tool-1", "'other-tool-1'"), (None, "no format tag")):
+        bad = tmp_path / "bad.pt"
+        torch.save({**ck, "format": tag} if tag else {k: v for k, v in ck.items() if k != "format"}, bad)
+        capsys.readouterr()
+        assert main(["eval", str(bad)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and str(bad) in err[0] and f"format {found} found" in err[0] and "wsld-checkpoint-1" in err[0], err
+
+
+def test_a_run_made_before_the_redesign_resumes_to_the_same_weights(tmp_path):
+    """tests/fixtures/old_layout_run: a mid-epoch checkpoint written by the single-file engine."""
+    run = tmp_path / "run"
+    shutil.copytree(FIXTURES / "old_layout_run", run)
+    p = run_to_end([*WSLD, "train", "--resume", str(run)], tmp_path / "log")
+    assert p.returncode == 0, (tmp_path / "log").read_text()
+    want = load_file(str(FIXTURES / "old_layout_final_student.safetensors"))
+    assert_same_tensors(load(run / "last.pt")["student"], want, "student")
+
+
+# --------------------------------------------------------------------------- never a non-finite checkpoint
+
+
+def test_weights_that_blow_up_are_never_checkpointed(tmp_path, capsys):
+    """A finite but absurd rate and decay (pass validation) overflow the float32 weights to inf after
+    one step whose loss was finite; with nan_policy=skip the later NaN steps would be skipped. No
+    such weights are ever written."""
+    run = tmp_path / "run"
+    rc = main(["train", *CE2, "train.lr=1e30", "train.weight_decay=1e30", "checkpoint.every_steps=1", "train.nan_policy=skip", "--out", str(run)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 3 and "weights are not finite" in err[-1] and "no checkpoint was written yet" in err[-1], err[-3:]
+    assert not (run / "last.pt").exists() and not (run / "best.pt").exists()
+
+
+# --------------------------------------------------------------------------- weak teacher
+
+
+@pytest.fixture(scope="module")
+def chance_teacher(tmp_path_factory) -> Path:
+    """cnn_teacher with every parameter zero: constant logits, top-1 = the share of class 0."""
+    from wsld.models import build_model
+
+    m = build_model("cnn_teacher", 10, in_channels=1)
+    path = tmp_path_factory.mktemp("weak") / "teacher.safetensors"
+    save_file({k: torch.zeros_like(v) for k, v in m.state_dict().items()}, str(path))
+    return path
+
+
+def test_a_teacher_near_chance_stops_before_distillation(tmp_path, chance_teacher, capsys):
+    run = tmp_path / "run"
+    rc = main(["train", *TINY, f"model.teacher_weights={chance_teacher}", "train.epochs=1", "--out", str(run)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and "within 5 points of chance" in err[-1] and "distill.allow_weak_teacher=true" in err[-1], err[-2:]
+    assert not run.exists()  # stopped before the run directory was made
+
+
+def test_allow_weak_teacher_distills_with_a_warning(tmp_path, chance_teacher, capsys):
+    run = tmp_path / "run"
+    rc = main(["train", *TINY, f"model.teacher_weights={chance_teacher}", "train.epochs=1", "distill.allow_weak_teacher=true", "--out", str(run)])
+    assert rc == 0 and "WARNING: the teacher's val top-1" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- disk fills during training
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    mounted = []
+
+    def mount(options: str) -> Path:
+        where = tmp_path / f"mnt{len(mounted)}"
+        where.mkdir()
+        p = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)], capture_output=True, text=True)
+        if p.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here ({p.stderr.strip() or p.returncode})")
+        mounted.append(where)
+        return where
+
+    yield mount
+    for where in mounted:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def test_disk_full_at_a_metrics_write_is_one_line(tmp_path, tmpfs):
+    disk = tmpfs("size=4m")
+    run = disk / "run"
+    log = tmp_path / "log"
+    p = _start([*WSLD, "train", *CE2, "train.log_every=1", "checkpoint.every_steps=0", "--out", str(run)], log, WSLD_TEST_SLOW_STEP="0.05")
+    try:
+        _wait_for(_trained_to(run, 2), p, log)
+        with open(disk / "filler", "wb") as f:  # take every free byte
+            try:
+                while True:
+                    f.write(b"\0" * 65536)
+                    f.flush()
+            except OSError:
+                pass
+        rc = p.wait(timeout=120)
+    finally:
+        _finish(p)
+    out = log.read_text(errors="replace")
+    assert rc == 2 and "Traceback" not in out, out[-3000:]
+    line = _last_line(log)
+    assert "No space left on device" in line and "metrics.jsonl" in line and f"wsld train --resume {run}" in line, line
+
+
+# --------------------------------------------------------------------------- first runs that train their teacher
+
+
+@pytest.mark.parametrize("phase", ["student", "teacher"])
+def test_a_first_run_killed_in_either_phase_resumes_bit_identical(tmp_path, phase):
+    """A first run trains its teacher in the same process; killed in the teacher phase (the same
+    command continues it) or the student phase (--resume), it ends like an uninterrupted first run."""
+    args = [*TINY, "train.epochs=2", "train.threads=1"]
+    want = tmp_path / "want"
+    p = run_to_end([*WSLD, "train", *args, f"model.teacher_cache={tmp_path / 'c1'}", "--out", str(want)], tmp_path / "want.log")
+    assert p.returncode == 0, (tmp_path / "want.log").read_text()
+    got = tmp_path / "got"
+    cmd = [*WSLD, "train", *args, f"model.teacher_cache={tmp_path / 'c2'}", "--out", str(got)]
+    hook = "10" if phase == "student" else "teacher:10"
+    p = run_to_end(cmd, tmp_path / "1.log", env=sub_env(WSLD_STOP_AFTER_STEPS=hook))
+    assert p.returncode == 99, (tmp_path / "1.log").read_text()
+    again = [*WSLD, "train", "--resume", str(got)] if phase == "student" else cmd
+    p = run_to_end(again, tmp_path / "2.log")
+    assert p.returncode == 0, (tmp_path / "2.log").read_text()
+    assert_same_tensors(load(got / "last.pt")["student"], load(want / "last.pt")["student"], "student")
+    assert_same_tensors(load(got / "last.pt")["optimizer"]["state"][0], load(want / "last.pt")["optimizer"]["state"][0], "momentum")
+
+
+def test_the_teacher_phase_uses_the_run_thread_setting():
+    from wsld.config import load_config
+    from wsld.teachers.training import teacher_cache_key, teacher_training_config
+
+    cfg = load_config(None, ["train.threads=3"])
+    assert teacher_training_config(cfg).train.threads == 3
+    assert teacher_cache_key(cfg) == teacher_cache_key(load_config(None, ["train.threads=1"]))  # same cached teacher
+
+
+def test_signal_handlers_are_restored_after_a_run(tmp_path):
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    assert main(["train", *CE2, "train.epochs=1", "--out", str(tmp_path / "run")]) == 0
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(pytest.main([__file__, "-q"]))
