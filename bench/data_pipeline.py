@@ -191,8 +191,8 @@ def main(argv=None) -> int:
             ]))  # fmt: skip
 
         lmdb_dir = tmp / "lmdb"
-        pack_lmdb(root, "train", lmdb_dir / "train", workers=1, progress=False, log=lambda m: None)
-        pack_lmdb(root, "val", lmdb_dir / "val", workers=1, progress=False, log=lambda m: None)
+        pack_lmdb(root, "train", lmdb_dir / "train", workers=1, progress=False, log=lambda m: None, overwrite=True)  # images made anew above
+        pack_lmdb(root, "val", lmdb_dir / "val", workers=1, progress=False, log=lambda m: None, overwrite=True)
 
         def ours(fmt, size, fast):
             path = root if fmt == "folder" else lmdb_dir

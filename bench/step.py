@@ -127,19 +127,25 @@ def measure_config(args, conf: dict, dev: torch.device) -> dict:
     if "wsld" in args.losses and args.soft_labels_topk > 0:
         # distill.soft_labels: no teacher forward; its logits rebuilt from this batch's stored top-k
         # records, handed over as the tensors the replay collate makes (docs/soft_labels.md)
-        from wsld.soft_labels import records_from_logits, records_to_tensors, teacher_logits_fn_for
+        from wsld.data.batch import Batch
+        from wsld.soft_labels.store import logits_from_records, records_from_logits, records_to_tensors
 
         with torch.no_grad(), autocast(dev, amp):
             z = run_teacher(x).float()
-        extra = records_to_tensors(records_from_logits(z, y, min(args.soft_labels_topk, args.classes)))
-        extra["target"] = y.cpu()
+        recs, y_cpu = records_to_tensors(records_from_logits(z, y, min(args.soft_labels_topk, args.classes))), y.cpu()
         if dev.type == "cuda":
-            extra = {k: v.pin_memory() for k, v in extra.items()}
+            recs, y_cpu = {k: v.pin_memory() for k, v in recs.items()}, y_cpu.pin_memory()
+        batch = Batch(None, y_cpu, [], teacher_records=recs)
+
+        class RecordsTeacher:  # StoredTeacher's logits, for this in-memory batch (no store on disk)
+            def logits(self, images, batch):
+                return logits_from_records(batch.teacher_records, batch.targets, args.classes, images.device)
+
         cached = ctx("wsld", False)
-        cached.teacher_logits_fn = teacher_logits_fn_for(args.classes)
+        cached.teacher = RecordsTeacher()
 
         def cached_step() -> None:
-            if train_step(cached, x, y, extra)[0] is None:
+            if train_step(cached, x, y, batch)[0] is None:
                 skipped["n"] += 1
 
         variants[CACHED] = cached_step
