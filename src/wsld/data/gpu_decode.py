@@ -277,6 +277,8 @@ class GpuDecoder:
                 records = {k: v[keep] for k, v in records.items()}
         return Batch(x, batch.targets[keep], corrupt, teacher_records=records)
 
+    prepare = __call__  # the engine's name for "normalised images on the device" (BatchNormalizer.prepare)
+
     def _decode(self, enc: EncodedBatch, sizes: list[tuple[int, int]]) -> list[Union[Tensor, str]]:
         """Each device row's RGB uint8 (3, H, W) on the device, or why it could not be decoded. An
         image the device refuses, or decodes to another size than its header's, goes to the CPU."""

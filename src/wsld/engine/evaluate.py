@@ -11,6 +11,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader
 
+from wsld.data.batch import Batch
 from wsld.engine.step import BatchNormalizer
 from wsld.runtime import Runtime, autocast
 
@@ -23,7 +24,7 @@ SLOW_EVAL_ENV = "WSLD_TEST_SLOW_EVAL"
 def evaluate(
     model: nn.Module,
     loader: DataLoader,
-    normalize: BatchNormalizer,
+    normalize: BatchNormalizer,  # or a GpuDecoder: anything with prepare(Batch) -> Batch on the device
     num_classes: int,
     rt: Runtime,
     amp_dtype: Optional[torch.dtype] = None,
@@ -41,11 +42,14 @@ def evaluate(
     total = torch.zeros(num_classes, device=dev, dtype=torch.float64)
     loss_sum = torch.zeros((), device=dev, dtype=torch.float64)
     pause_s = float(os.environ.get(SLOW_EVAL_ENV) or 0)
-    for images, targets, _bad in tqdm(loader, desc=desc, leave=False, disable=not progress, mininterval=1.0):
+    for item in tqdm(loader, desc=desc, leave=False, disable=not progress, mininterval=1.0):
         if pause_s > 0:
             time.sleep(pause_s)
-        x = normalize(images)
-        y = targets.to(dev, non_blocking=True)
+        batch = normalize.prepare(item if isinstance(item, Batch) else Batch(*item))
+        if len(batch) == 0:
+            continue
+        x = batch.images
+        y = batch.targets.to(dev, non_blocking=True)
         with autocast(dev, amp_dtype):
             logits = model(x)
         logits = logits.float()

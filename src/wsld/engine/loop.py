@@ -29,6 +29,7 @@ from wsld.config import Config, config_from_dict, to_dict, to_yaml
 from wsld.data import DataInfo, build_datasets
 from wsld.data.batch import Batch, collate_batch
 from wsld.data.datasets import collate_skip_corrupt
+from wsld.data.gpu_decode import GpuDecoder, collate_encoded, encoded_view, resolve_decode
 from wsld.data.sampling import ResumableSampler
 from wsld.engine.evaluate import evaluate
 from wsld.engine.guards import TrainingDiverged, check_teacher_strength, weights_finite
@@ -151,7 +152,14 @@ class Trainer:
             student=run_student, teacher=self.teacher, loss_fn=self.loss, optimizer=self.optimizer, scaler=self.scaler,
             amp_dtype=self.amp_dtype, grad_clip=cfg.train.grad_clip,
         )  # fmt: skip
-        self.normalize = BatchNormalizer(info.mean, info.std, dev, self.channels_last)
+        # data.decode: uint8 images normalised on the device, or JPEG bytes decoded there (gpu_decode)
+        self.decode = resolve_decode(cfg.data.decode, dev, self.train_ds)
+        self.normalize: BatchNormalizer | GpuDecoder = BatchNormalizer(info.mean, info.std, dev, self.channels_last)
+        val_collate: Optional[Callable] = None
+        if self.decode == "gpu":
+            self.train_ds, self.val_ds = encoded_view(self.train_ds), encoded_view(self.val_ds)
+            self.normalize = GpuDecoder(info.mean, info.std, info.image_size, dev, self.channels_last, on_corrupt=cfg.data.on_corrupt)
+            val_collate = collate_encoded
         # data
         self.train_sampler = ResumableSampler(
             len(self.train_ds), batch_size=self.per_rank_batch, seed=cfg.train.seed, shuffle=True,
@@ -162,10 +170,12 @@ class Trainer:
         val_sampler = ResumableSampler(
             len(self.val_ds), batch_size=val_bs, shuffle=False, rank=rt.rank, world_size=rt.world_size, pad=False, with_seeds=False
         )
-        self.val_loader = self._loader(self.val_ds, val_sampler, val_bs, drop_last=False)
+        self.val_loader = self._loader(self.val_ds, val_sampler, val_bs, drop_last=False, collate_fn=val_collate)
         train_collate: Callable[[list], Batch] = collate_batch
         if self.teacher is not None:  # e.g. stored soft labels replay their crops and attach their records
             self.train_ds, self.train_sampler, train_collate = self.teacher.prepare_train_data(self.train_ds, self.train_sampler)
+        if self.decode == "gpu":  # takes (image, label) and (image, label, record) items alike
+            train_collate = collate_encoded
         self.train_loader = self._loader(self.train_ds, self.train_sampler, self.per_rank_batch, drop_last=True, collate_fn=train_collate)
 
     def _state(self, epoch: int, step_in_epoch: int, global_step: int, stats: Optional["EpochStats"] = None) -> dict[str, Any]:
@@ -312,7 +322,7 @@ class Trainer:
                 "teacher": None, "teacher_weights": None, "teacher_bn_mode": None,
                 **(self.teacher.describe() if self.teacher is not None else {}),
                 "world_size": rt.world_size, "lr": self.base_lr, "steps_per_epoch": self.steps_per_epoch,
-                "amp": str(self.amp_dtype), "channels_last": self.channels_last, "global_step": 0,
+                "amp": str(self.amp_dtype), "channels_last": self.channels_last, "decode": self.decode, "global_step": 0,
             })  # fmt: skip
         else:
             self.say(f"resuming {self.run_dir} at epoch {start_epoch + 1}, step {start_step} (global step {global_step})")
@@ -350,6 +360,7 @@ class Trainer:
             step = first
             for batch in self.train_loader:
                 stats.wait += time.perf_counter() - t_wait
+                batch = self.normalize.prepare(batch)  # on the device; a device decode may add corrupt rows
                 if batch.corrupt:
                     self._handle_corrupt(batch.corrupt, epoch, step)
                 lr_used = self.optimizer.param_groups[0]["lr"]
@@ -357,9 +368,8 @@ class Trainer:
                     pass
                 else:
                     self.loss.set_epoch(epoch + step / self.steps_per_epoch)  # for losses that follow training progress (DKD's warm-up)
-                    x = self.normalize(batch.images)
                     y = batch.targets.to(rt.device, non_blocking=True)
-                    loss, parts = train_step(self.ctx, x, y, batch)
+                    loss, parts = train_step(self.ctx, batch.images, y, batch)
                     if loss is None:
                         self._non_finite(epoch, step, global_step)
                     else:
@@ -439,6 +449,8 @@ class Trainer:
             "teacher_per_class_top1": self.teacher_eval["per_class_top1"] if self.teacher_eval else None,
             "skipped_steps": self.skipped_steps,
             "corrupt_images": self.corrupt_count,
+            "decode": self.decode,
+            "decode_counts": self.normalize.stats.as_dict() if isinstance(self.normalize, GpuDecoder) else None,
             "global_step": global_step,
             "world_size": rt.world_size,
             "run_dir": str(self.run_dir),

@@ -30,6 +30,13 @@ class BatchNormalizer:
             x = x.contiguous(memory_format=torch.channels_last)
         return (x.float() - self.mean) * self.inv_std
 
+    def prepare(self, batch: Batch) -> Batch:
+        """The batch with its images normalised on the device (``GpuDecoder.prepare`` is the same
+        step for batches that arrive encoded)."""
+        if len(batch) == 0:
+            return batch
+        return Batch(self(batch.images), batch.targets, batch.corrupt, batch.teacher_records)
+
 
 @dataclass
 class StepContext:
