@@ -19,10 +19,10 @@ from wsld.errors import UserError
 COMMAND_MODULES = [
     "wsld.commands.train",
     "wsld.commands.evaluate",
-    "wsld.data.cli",
+    "wsld.commands.data",
     "wsld.commands.demo",
     "wsld.commands.soft_labels",
-    "wsld.export",
+    "wsld.commands.export",
 ]
 
 

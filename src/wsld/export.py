@@ -13,7 +13,6 @@ only: ``wsld eval model.safetensors --config RUN/config.yaml`` evaluates it.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import json
@@ -239,36 +238,3 @@ def export_student(
         "check_input": data_meta["check_input"], "arch": meta["arch"], "num_classes": meta["num_classes"],
         "input_shape": list(x.shape[1:]),
     }  # fmt: skip
-
-
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "export",
-        help="write a trained student as ONNX, TorchScript or safetensors (checked against PyTorch)",
-        description="Export the student of a wsld checkpoint for deployment. The model takes float images "
-        "normalised with the training mean/std and returns logits; mean, std, classes and input size are stored "
-        "as metadata. The written file is loaded back and run on a batch of validation images, and the max "
-        "absolute logit difference to PyTorch is printed (ONNX runs in onnxruntime: pip install 'wsld[onnx]'). "
-        "safetensors holds weights only: evaluate it with 'wsld eval FILE --config RUN/config.yaml'.",
-    )
-    p.add_argument("checkpoint", help="a wsld checkpoint (last.pt or best.pt)")
-    p.add_argument("--format", required=True, choices=FORMATS, help="onnx | torchscript | safetensors")
-    p.add_argument("--out", metavar="PATH", help="output file (default: beside the checkpoint, e.g. best.onnx)")
-    p.add_argument("--ema", action="store_true", help="export the EMA weights stored in the checkpoint")
-    p.set_defaults(func=run)
-
-
-def run(args: argparse.Namespace) -> int:
-    import sys
-
-    r = export_student(args.checkpoint, args.format, args.out, args.ema, log=lambda m: print(f"[wsld] {m}", file=sys.stderr))
-    print(
-        f"exported {r['arch']} ({r['num_classes']} classes, input {'x'.join(map(str, r['input_shape']))}) as {r['format']} "
-        f"to {r['path']} ({r['bytes'] / 2**20:.2f} MiB)\n  check on {r['check_input']}: max |logit difference| vs PyTorch "
-        f"= {r['max_abs_diff']:.3g}"
-    )
-    if r["format"] == "safetensors":
-        cfg_hint = Path(r["path"]).parent / "config.yaml"
-        hint = f"wsld eval {r['path']}" + ("" if cfg_hint.is_file() else f" --config {Path(args.checkpoint).parent / 'config.yaml'}")
-        print(f"  evaluate with: {hint}")
-    return 0

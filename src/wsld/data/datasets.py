@@ -246,15 +246,3 @@ def build_image_datasets(cfg) -> tuple[PhotoDataset, PhotoDataset]:
     train_tf, val_tf = _transforms(cfg)
     return PhotoDataset(train_src, train_tf, cfg.on_corrupt), PhotoDataset(val_src, val_tf, cfg.on_corrupt)
 
-
-def open_image_dataset(source: Source, train: bool, *, image_size: int = 224, val_resize: int = 256,
-                       min_scale: float = 0.08, hflip: bool = True, color_jitter: float = 0.0,
-                       fast_decode: bool = True, on_corrupt: str = "skip") -> PhotoDataset:
-    """A dataset over one source without a config (benchmarks, notebooks)."""
-    tf: Callable
-    if train:
-        tf = TrainTransform(image_size, min_scale, hflip, color_jitter, fast_decode=fast_decode)
-    else:
-        tf = ValTransform(image_size, val_resize, fast_decode=fast_decode)
-    return PhotoDataset(source, tf, on_corrupt)
-
