@@ -59,6 +59,8 @@ def test_report_results_and_plots_hold_the_runs_numbers(demo):
         weights = v["rows"]["wsld"]["class_weights_mean"]
         assert len(weights) == 1 and len(weights[0]) == 10 and all(0.0 <= w < 1.0 for w in weights[0])
     assert "WSLD is" in report and "no confidence interval from a single seed" in report
+    readme = (demo / "readme_table.md").read_text(encoding="utf-8")  # for the README's results section
+    assert "| Teacher |" in readme and "long-tailed, tail classes" in readme and "- Small data" in readme
     for name in ("curves_balanced", "curves_long-tail", "curves_small-data", "final_top1", "wsld_weights_balanced",
                  "long_tail_per_class"):  # fmt: skip
         png = demo / "plots" / f"{name}.png"

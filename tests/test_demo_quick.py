@@ -36,5 +36,6 @@ def test_quick_says_it_is_a_pipeline_check_not_a_comparison(tmp_path, capsys, mo
     for name, found in texts.items():
         joined = " ".join(found).lower()
         assert "pipeline check" in joined and "not a comparison" in joined, name
+    assert not (out / "readme_table.md").exists()  # nothing to paste into the README
     res = json.loads((out / "results.json").read_text(encoding="utf-8"))
     assert res["settings"]["quick"] is True and res["settings"]["seeds"] == 1

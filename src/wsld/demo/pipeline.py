@@ -41,7 +41,9 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         s.small_per_class = max(2, min(s.small_per_class, n // 10))
         s.heldout_per_class = max(2, min(s.heldout_per_class, n // 4))
     cpus = os.cpu_count() or 1
-    s.jobs = args.jobs if args.jobs is not None else (1 if torch.cuda.is_available() else min(2, cpus))
+    # --quick: one run after another in this process (its runs are so short that starting a process
+    # per run, ~4 s of CPU each, would cost more than the training)
+    s.jobs = args.jobs if args.jobs is not None else (1 if torch.cuda.is_available() or args.quick else min(2, cpus))
     s.threads = args.threads if args.threads is not None else max(1, cpus // max(1, s.jobs))
     s.batch_size, s.quick, s.source = args.batch_size, args.quick, args.data_path
     for key in ("seeds", "batch_size", "jobs", "threads"):

@@ -164,8 +164,8 @@ def train_counts(cfg: Any) -> tuple[list[int], int]:
 
 
 # relative CPU cost per image (about microseconds on one core), measured for the pair (docs/demo.md)
-COST_TRAIN = {"teacher": 900.0, "student": 370.0, "store": 250.0}
-COST_EVAL = {"teacher": 250.0, "student": 100.0, "store": 0.0}
+COST_TRAIN = {"teacher": 710.0, "student": 310.0, "store": 250.0}
+COST_EVAL = {"teacher": 230.0, "student": 90.0, "store": 0.0}
 
 
 def _spec(out: Path, name: str, regime: str, row: str, seed: int, cfg: Any, deps: list[str], n_train: int,

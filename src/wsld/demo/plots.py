@@ -29,7 +29,7 @@ def make_plots(results: dict[str, Any], plots: Path, seeds: int, quick: bool = F
 
     written: list[Path] = []
     seed_note = f"mean over {seeds} seed{'s' if seeds > 1 else ''}"
-    titles = {"balanced": "balanced", "long-tail": "long-tailed (ratio 100)", "small-data": "small data (600 per class)"}
+    titles = {"balanced": "balanced", "long-tail": "long-tailed (ratio 100)", "small-data": "small data (a tenth of the training images)"}
     banner = "PIPELINE CHECK (--quick), NOT A COMPARISON\n" if quick else ""
 
     def save(fig, path: Path) -> None:

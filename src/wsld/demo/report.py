@@ -11,7 +11,7 @@ from wsld.demo.stats import ci_sentence
 
 QUICK_NOTE = ("PIPELINE CHECK (--quick), NOT A COMPARISON: tiny data, 1 seed, 1 epoch; these numbers say nothing "
               "about which loss is better, and no differences are reported")  # fmt: skip
-TITLES = {"balanced": "Balanced", "long-tail": "Long-tailed (ratio 100)", "small-data": "Small data (600 per class)"}
+TITLES = {"balanced": "Balanced", "long-tail": "Long-tailed (ratio 100)", "small-data": "Small data (a tenth of the training images)"}
 
 
 def fmt(m: float, sd: Optional[float]) -> str:
@@ -94,6 +94,40 @@ def search_lines(meta: dict[str, Any]) -> list[str]:
     return lines
 
 
+def readme_table(results: dict[str, Any], pt: int, ps: int) -> list[str]:
+    """The compact table and sentences for the README: one column per regime (+ long-tail's tail classes)."""
+    regimes = list(results)
+    heads = []
+    for r in regimes:
+        heads.append(TITLES[r].lower())
+        if r == "long-tail":
+            heads.append("long-tailed, tail classes")
+    lines = [f"| Network | Method | {' | '.join(heads)} |", "|---|---|" + "---|" * len(heads)]
+
+    def cells(get) -> str:
+        out = []
+        for r in regimes:
+            out.append(get(results[r], None))
+            if r == "long-tail":
+                out.append(get(results[r], "tail"))
+        return " | ".join(out)
+
+    lines.append(f"| {TEACHER} ({pt / 1000:.0f}k params) | Teacher | "
+                 + cells(lambda v, g: f"{v['teacher']['top1'] if g is None else v['teacher']['group_top1'][g]:.2f}") + " |")
+    for key in next(iter(results.values()))["rows"]:
+        e0 = next(iter(results.values()))["rows"][key]
+        net = f"{STUDENT} ({ps / 1000:.0f}k params)" if key == "ce" else STUDENT
+        lines.append(f"| {net} | {e0['name']}, {_hp(e0)} | " + cells(
+            lambda v, g: fmt(v["rows"][key]["top1_mean"], v["rows"][key]["top1_std"]) if g is None
+            else fmt(v["rows"][key]["group_top1"][g]["mean"], v["rows"][key]["group_top1"][g]["std"])) + " |")
+    lines.append("")
+    for r in regimes:
+        v = results[r]
+        said = [ln for ln in difference_lines(v) if ln and not ln.startswith("|")]
+        lines.append(f"- {TITLES[r]}: " + " ".join(said))
+    return lines
+
+
 def write_report(out: Path, results: dict[str, Any], meta: dict[str, Any], plots: list[Path]) -> str:
     """``report.md``; returns the short text printed at the end of the demo."""
     from wsld.files import atomic_write_text
@@ -164,6 +198,8 @@ def write_report(out: Path, results: dict[str, Any], meta: dict[str, Any], plots
         top1 = f"{run['top1']:.2f}" if run["top1"] is not None else "(store)"
         lines.append(f"| {run['name']} | {top1} | {t} |")
     atomic_write_text(out / "report.md", "\n".join(lines) + "\n")
+    if not quick:
+        atomic_write_text(out / "readme_table.md", "\n".join(readme_table(results, pt, ps)) + "\n")
 
     printed = [f"*** {QUICK_NOTE} ***"] if quick else []
     for regime, v in results.items():
