@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import Optional
 
 from wsld.errors import UserError
 
@@ -46,6 +47,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="continue the run in RUN_DIR from its last checkpoint (mid-epoch included); overrides may only change "
         "keys that do not alter the result (data.data_path, data.workers, train.progress, ...)",
     )  # fmt: skip
+    p.add_argument(
+        "--baseline", action=argparse.BooleanOptionalAction, default=None,
+        help="also train the student alone (CE, same seed and recipe) into RUN_DIR-ce and print both "
+        "(default: on for the built-in default run, `wsld train` with no CONFIG or key=value)",
+    )  # fmt: skip
     p.set_defaults(func=run, extra_args_dest="args")
 
 
@@ -58,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     config_path, overrides = split_config_and_overrides(args.args)
     if not args.resume and args.out and elastic_restart() and (Path(args.out) / "config.yaml").is_file():
         # torchrun --max-restarts: a restarted job continues its run (same command, no --resume needed)
-        args.resume, config_path = args.out, config_path
+        args.resume = args.out
     if args.resume or args.out:  # a live run there: say so, whatever else the folder holds
         refuse_if_locked(Path(args.resume or args.out), f"run directory {args.resume or args.out}")
     if args.resume:
@@ -85,12 +91,37 @@ def run(args: argparse.Namespace) -> int:
         if (run_dir / "last.pt").exists() or (run_dir / "summary.json").exists():
             raise UserError(f"{run_dir} already holds a run: use --resume {run_dir} to continue it, or another --out")
         summary = run_training(cfg, run_dir)
+    baseline = None
+    want_baseline = args.baseline if args.baseline is not None else (config_path is None and not overrides and not args.resume)
+    if want_baseline and cfg.distill.loss != "ce":
+        baseline = train_baseline(cfg, Path(summary["run_dir"]))
     if int(os.environ.get("RANK", "0")) == 0:
-        print_report(summary)
+        print_report(summary, baseline)
     return 0
 
 
-def print_report(s: dict) -> None:
+def train_baseline(cfg, run_dir: Path) -> Optional[dict]:
+    """The student alone with CE, same seed and recipe, in ``RUN_DIR-ce`` (reused when finished,
+    resumed when not): the first run answers "what did distillation add?"."""
+    import json
+
+    from wsld.config import config_from_dict, to_dict
+    from wsld.run import run_training
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        print("[wsld] --baseline: skipped under torchrun (train it as its own run: distill.loss=ce)", file=sys.stderr)
+        return None
+    d = to_dict(cfg)
+    d["distill"].update(loss="ce", params={})
+    ce_cfg = config_from_dict(d)
+    ce_dir = run_dir.with_name(run_dir.name + "-ce")
+    if (ce_dir / "summary.json").is_file():
+        return json.loads((ce_dir / "summary.json").read_text())
+    print(f"[wsld] baseline: the same student, seed and recipe with CE alone, in {ce_dir}", file=sys.stderr)
+    return run_training(ce_cfg, ce_dir, resume=(ce_dir / "last.pt").is_file())
+
+
+def print_report(s: dict, baseline: Optional[dict] = None) -> None:
     out = sys.stdout
     source = s["teacher"] or (f"soft labels {s['soft_labels']}" if s.get("soft_labels") else "no teacher")
     print(f"\nwsld result: {s['loss']} ({source} -> {s['student']}), {s['epochs']} epochs, run {s['run_dir']}", file=out)
@@ -105,3 +136,8 @@ def print_report(s: dict) -> None:
         print(f"  {s['corrupt_images']} corrupt images were skipped (see metrics.jsonl)", file=out)
     if s.get("skipped_steps"):
         print(f"  {s['skipped_steps']} steps with a non-finite loss were skipped", file=out)
+    if baseline is not None:
+        name = "student alone (CE)"
+        print(f"  {name:<22} top-1 {baseline['last_top1']:6.2f}  top-5 {baseline['last_top5']:6.2f}  <- same student, seed and recipe, no teacher (run {baseline['run_dir']})", file=out)
+        gain = s["last_top1"] - baseline["last_top1"]
+        print(f"  {s['loss']} - CE: {gain:+.2f} points on this one seed (one run: no interval; `wsld demo` repeats it over seeds with 95% CIs)", file=out)

@@ -1,0 +1,27 @@
+"""`wsld train --baseline` (on by default for the built-in run): the student alone next to the distilled one."""
+
+from __future__ import annotations
+
+import json
+
+from engine_helpers import TINY
+
+from wsld.cli import main
+
+
+def test_baseline_trains_the_student_alone_and_prints_both(tmp_path, capsys):
+    run = tmp_path / "run"
+    args = ["train", *TINY, "train.epochs=1", f"model.teacher_cache={tmp_path / 'c'}", "--baseline", "--out", str(run)]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    ce = json.loads((tmp_path / "run-ce" / "summary.json").read_text())
+    wsld = json.loads((run / "summary.json").read_text())
+    assert ce["loss"] == "ce" and ce["teacher"] is None and ce["epochs"] == wsld["epochs"]
+    assert "teacher cnn_teacher" in out and "student alone (CE)" in out
+    assert f"wsld - CE: {wsld['last_top1'] - ce['last_top1']:+.2f} points" in out
+
+
+def test_no_baseline_unless_asked_for_a_config_run(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", *TINY, "train.epochs=1", f"model.teacher_cache={tmp_path / 'c'}", "--out", str(run)]) == 0
+    assert "student alone" not in capsys.readouterr().out and not (tmp_path / "run-ce").exists()
