@@ -180,6 +180,7 @@ def _spec(out: Path, name: str, regime: str, row: str, seed: int, cfg: Any, deps
 
 
 def regime_data(paths: DataPaths, regime: str) -> Optional[str]:
+    """The IDX folder of a regime's runs (None: the system location)."""
     return paths.small if regime == "small-data" else paths.full
 
 

@@ -57,7 +57,7 @@ class Runner:
     """Runs the planned runs in dependency order, ``jobs`` at a time, with one progress bar."""
 
     def __init__(self, specs: list[RunSpec], states: dict[str, str], s: Settings, progress: bool,
-                 log: Callable[[str], None], stream):
+                 log: Callable[[str], None], stream: Any) -> None:
         self.specs = {sp.name: sp for sp in specs}
         self.states = states
         self.s = s
