@@ -115,6 +115,7 @@ def test_cifar_resnet_pair_trains_through_the_cli(tmp_path):
     rc, out, err = run_cli(
         ["train", str(REPO / "configs" / "digits_wsld.yaml"), *TINY, "train.epochs=1", "teacher_train.epochs=1",
          "model.teacher=cifar_resnet14_s2", "model.student=cifar_resnet8_s2", f"model.teacher_cache={tmp_path / 'cache'}",
+         "distill.allow_weak_teacher=true",  # one teacher epoch on 8x8 digits: the plumbing is tested, not accuracy
          "--out", str(tmp_path / "run")]
     )  # fmt: skip
     assert rc == 0, err
