@@ -21,11 +21,15 @@ from wsld.cli import main
 
 CE_TINY = [
     "data.dataset=digits", "data.batch_size=64", "data.workers=0", "train.progress=false", "train.epochs=1",
-    "distill.loss=ce", "train.log_every=1",
+    "distill.loss=ce", "train.log_every=1", "train.lr=0.025",
+    # the models and loss settings these tests were written for, pinned so a new built-in default does not change them
+    "model.teacher=cnn_teacher", "model.student=cnn_student", "distill.T=4.0", "distill.alpha=2.25",
 ]  # fmt: skip
 WSLD_TINY = [
     "data.dataset=digits", "data.batch_size=64", "data.workers=0", "train.progress=false", "train.epochs=1",
-    "teacher_train.epochs=1",
+    "teacher_train.epochs=1", "train.lr=0.025",
+    # the models and loss settings these tests were written for, pinned so a new built-in default does not change them
+    "model.teacher=cnn_teacher", "model.student=cnn_student", "distill.T=4.0", "distill.alpha=2.25",
 ]  # fmt: skip
 
 

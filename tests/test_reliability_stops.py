@@ -179,13 +179,13 @@ def test_a_flipped_bit_in_last_pt_is_refused_by_eval_export_and_resume(tmp_path,
 
 def test_a_checkpoint_of_another_format_or_a_newer_version_is_refused(tmp_path, finished, capsys):
     ck = load(finished / "last.pt")
-    for tag, found in (("wsld-checkpoint-9", "'wsld-checkpoint-9'"), ("other-tool-1", "'other-tool-1'"), (None, "no format tag")):
+    for tag, found in (("wsld-checkpoint-9", "format 'wsld-checkpoint-9'"), ("other-tool-1", "format 'other-tool-1'"), (None, "no format tag")):
         bad = tmp_path / "bad.pt"
         torch.save({**ck, "format": tag} if tag else {k: v for k, v in ck.items() if k != "format"}, bad)
         capsys.readouterr()
         assert main(["eval", str(bad)]) == 2
         err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and str(bad) in err[0] and f"format {found} found" in err[0] and "wsld-checkpoint-1" in err[0], err
+        assert len(err) == 1 and str(bad) in err[0] and f"{found} found" in err[0] and "wsld-checkpoint-1" in err[0], err
 
 
 def test_a_run_made_before_the_redesign_resumes_to_the_same_weights(tmp_path):

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from wsld.errors import CheckpointError
-from wsld.files import atomic_write_bytes, atomic_write_text  # noqa: F401  (atomic_write_text: old import path, until every caller uses wsld.files)
+from wsld.files import atomic_write_bytes
 
 FORMAT_NAME = "wsld-checkpoint"
 FORMAT_VERSION = 1  # the schema below; readers accept 1..FORMAT_VERSION
@@ -93,7 +93,7 @@ def damaged_member(path: Path) -> Optional[str]:
         return f"a truncated member ({_first_line(e)})"
 
 
-def _torch_load(p: Path) -> Any:
+def _torch_load(p: Path, unreadable: str = "{path} is not a loadable wsld checkpoint ({why})") -> Any:
     """``torch.load(weights_only=True)`` after the CRC check, errors as one line."""
     bad = damaged_member(p) if zipfile.is_zipfile(p) else None
     if bad is not None:
@@ -105,7 +105,7 @@ def _torch_load(p: Path) -> Any:
     try:
         return torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise CheckpointError(f"{p} is not a loadable wsld checkpoint ({_first_line(e)})") from None
+        raise CheckpointError(unreadable.format(path=p, why=_first_line(e))) from None
 
 
 def check_format(obj: dict[str, Any], p: Path) -> None:
@@ -113,8 +113,8 @@ def check_format(obj: dict[str, Any], p: Path) -> None:
     tag = obj.get("format")
     prefix = f"{FORMAT_NAME}-"
     if not isinstance(tag, str) or not tag.startswith(prefix) or not tag[len(prefix):].isdigit():
-        found = f"'{tag}'" if tag is not None else "no format tag"
-        raise CheckpointError(f"{p}: format {found} found, expected {FORMAT} (not a wsld checkpoint)")
+        found = f"format '{tag}'" if tag is not None else "no format tag"
+        raise CheckpointError(f"{p}: {found} found, expected {FORMAT} (not a wsld checkpoint)")
     version = int(tag[len(prefix):])
     if not 1 <= version <= FORMAT_VERSION:
         raise CheckpointError(
@@ -158,14 +158,7 @@ def read_weights(path: str | Path) -> dict[str, Tensor]:
             return load_file(str(p))
         except Exception as e:
             raise CheckpointError(f"{p} is not a readable safetensors file ({_first_line(e)})") from None
-    try:
-        obj = _torch_load(p)
-    except CheckpointError as e:
-        if "damaged" in str(e):
-            raise
-        raise CheckpointError(
-            f"{p} is not a loadable weights file (refused or unreadable with weights_only=True: {str(e).split('(', 1)[-1].rstrip(')')})"
-        ) from None
+    obj = _torch_load(p, "{path} is not a loadable weights file (refused or unreadable with weights_only=True: {why})")
     if isinstance(obj, dict) and "format" in obj and "student" in obj:
         check_format(obj, p)
     if isinstance(obj, dict):

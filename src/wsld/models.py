@@ -281,34 +281,11 @@ def is_weight_file(weights: str) -> bool:
 
 
 def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
-    """A state dict from a local file: safetensors, or a torch file read with ``weights_only=True``.
+    """A state dict from a local file: safetensors, a bare torch state dict, or a wsld checkpoint
+    (its ``student``), read by ``wsld.checkpoint.read_weights`` (weights_only, CRCs and format checked)."""
+    from wsld.checkpoint import read_weights
 
-    Accepts a bare state dict or a wsld checkpoint (its ``student`` entry, or ``model``).
-    """
-    p = Path(os.path.expanduser(str(path)))
-    if not p.is_file():
-        raise CheckpointError(f"weight file not found: {p}")
-    if p.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(p))
-        except Exception as e:
-            raise CheckpointError(f"{p} is not a readable safetensors file ({_first_line(e)})") from None
-    try:
-        obj = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise CheckpointError(
-            f"{p} is not a loadable weights file (refused or unreadable with weights_only=True: {_first_line(e)})"
-        ) from None
-    if isinstance(obj, dict):
-        for key in ("student", "model", "state_dict"):
-            if key in obj and isinstance(obj[key], dict):
-                obj = obj[key]
-                break
-    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise CheckpointError(f"{p} holds no state dict of tensors (expected weights or a wsld checkpoint)")
-    return {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in obj.items()}
+    return read_weights(path)
 
 
 def _last_linear(model: nn.Module) -> Optional[tuple[str, nn.Linear]]:
