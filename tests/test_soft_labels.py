@@ -228,3 +228,13 @@ def test_engine_batches_carry_the_teachers_outputs_for_another_run_seed(digits_r
         online = teacher(x)
     assert torch.allclose(trainer.teacher.logits(x, batch), online, atol=1e-4)
     assert len(batch.teacher_records["lse"]) == len(batch) and not batch.corrupt
+
+
+def test_a_batch_of_one_record_converts_to_tensors():
+    """A last batch holding a single sample (one image per rank) must not crash the replay collate."""
+    from wsld.soft_labels.store import records_from_logits, records_to_tensors
+
+    z, y = torch.randn(1, 10), torch.tensor([3])
+    t = records_to_tensors(records_from_logits(z, y, 10, "float32"))
+    assert t["log_prob"].shape == (1, 10) and t["lse"].shape == (1,)
+    assert torch.allclose(t["lse"], torch.logsumexp(z.double(), 1).float())

@@ -129,7 +129,7 @@ def records_from_logits(logits: Tensor, target: Tensor, topk: int, precision: st
 def records_to_tensors(records: np.ndarray) -> dict[str, Tensor]:
     """Structured records (N,) -> the tensors ``teacher_logits_from_stored`` takes (and box, flip)."""
     out = {
-        k: torch.from_numpy(np.ascontiguousarray(records[k]))
+        k: torch.from_numpy(np.array(records[k], copy=True))  # a copy: a one-record view has strides torch refuses
         for k in ("log_prob", "lse", "true_logit", "tail_lse", "others_lse") if k in records.dtype.names
     }  # fmt: skip
     out["class_index"] = torch.from_numpy(records["class_index"].astype(np.int64))
