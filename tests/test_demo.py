@@ -13,11 +13,12 @@ import torch
 from wsld.cli import main
 from wsld.config import load_config
 from wsld.data.transforms import TrainTransform
-from wsld.demo.plan import ROWS, STUDENT, TEACHER
+from wsld.demo.plan import STUDENT, TEACHER, Settings
 
 PER_CLASS = 20  # small-data / search: 2 per class, held-out 5 per class
 SLICE = ["--limit-per-class", str(PER_CLASS), "--teacher-epochs", "1", "--seeds", "1", "--batch-size", "16"]
 TINY = [*SLICE, "--epochs", "1", "--jobs", "1", "--threads", "1", "--no-progress"]
+ROWS = Settings().chosen_rows  # the default rows (no --losses)
 ROW_KEYS = [r.key for r in ROWS]
 
 

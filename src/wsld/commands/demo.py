@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from wsld.demo.plan import QUICK, REGIMES, STUDENT, TEACHER, Settings
+from wsld.demo.plan import ALWAYS_ROWS, DEFAULT_ROWS, QUICK, REGIMES, ROW_BY_KEY, STUDENT, TEACHER, Settings
 
 
 def _positive_int(text: str) -> int:
@@ -25,8 +25,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description=f"Train the CIFAR-ResNet pair {TEACHER} -> {STUDENT} on the built-in Fashion-MNIST in three "
         "regimes (balanced, long-tailed ratio 100, small data 600 per class): each regime's teacher once, its soft "
         "labels stored per seed, one search (lr, and T for the distilled rows, 4 runs per row) on held-out training "
-        "images, then CE, KD, WSLD and WSLD with weights fixed at 1 over several seeds, all with 'wsld train'; writes "
-        "OUT/report.md (paired differences with 95%% CIs), OUT/results.json, PNG plots, and the config of every "
+        "images, then the rows (CE, KD, WSLD and WSLD with weights fixed at 1; --losses picks others, DKD and DIST "
+        "among them) over several seeds, all with 'wsld train'; writes "
+        "OUT/report.md (paired differences with 95% CIs), OUT/results.json, PNG plots, and the config of every "
         "run in OUT/configs/. Running the same command again reuses finished runs and resumes unfinished ones. "
         "See docs/demo.md.",
     )
@@ -37,6 +38,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    f"{QUICK['train_per_class']} training images per class, {QUICK['seeds']} seed, 1 epoch")
     p.add_argument("--regimes", nargs="+", choices=list(REGIMES), metavar="R",
                    help="balanced, long-tail and/or small-data (default: all three)")
+    p.add_argument("--losses", nargs="+", choices=list(ROW_BY_KEY), metavar="ROW",
+                   help=f"the rows to train, among {' '.join(ROW_BY_KEY)} (default: {' '.join(DEFAULT_ROWS)}); "
+                   f"{' and '.join(ALWAYS_ROWS)} always run, added when not given (every paired difference is WSLD "
+                   "minus another row, and the teacher's gap is measured against ce); dkd and dist use their published "
+                   "values (docs/demo.md)")
     p.add_argument("--epochs", type=_positive_int, metavar="E",
                    help="student epochs of every regime and the search (default per regime: "
                    + ", ".join(f"{r} {e}" for r, e in full.epochs.items()) + ")")

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from wsld.demo.plan import COMPARISONS, ROWS, RunSpec
+from wsld.demo.plan import Row, RunSpec, comparisons
 from wsld.demo.stats import mean_std, paired_ci
 
 
@@ -44,8 +44,8 @@ def _summary(sp: RunSpec) -> dict:
     return json.loads(sp.done_path.read_text(encoding="utf-8"))
 
 
-def collect(specs: list[RunSpec], regimes: dict[str, dict], classes: list[str]) -> dict[str, Any]:
-    """``results.json``'s ``regimes`` part, from the runs' summary.json and metrics.jsonl."""
+def collect(specs: list[RunSpec], regimes: dict[str, dict], classes: list[str], rows: tuple[Row, ...]) -> dict[str, Any]:
+    """``results.json``'s ``regimes`` part for the rows that ran, from the runs' summary.json and metrics.jsonl."""
     res: dict[str, Any] = {}
     ncls = len(classes)
     for regime, info in regimes.items():
@@ -66,7 +66,7 @@ def collect(specs: list[RunSpec], regimes: dict[str, dict], classes: list[str]) 
             },
             "rows": {},
         }  # fmt: skip
-        for row in ROWS:
+        for row in rows:
             runs = sorted((sp for sp in specs if sp.regime == regime and sp.row == row.key), key=lambda sp: sp.seed)
             seeds = []
             for sp in runs:
@@ -97,7 +97,8 @@ def collect(specs: list[RunSpec], regimes: dict[str, dict], classes: list[str]) 
                 ]
             v["rows"][row.key] = entry
         v["differences"] = {}
-        for a, b in COMPARISONS:  # paired by seed: same initialisation, data order and crops for every row
+        # paired by seed: same initialisation, data order and crops for every row
+        for a, b in comparisons(tuple(r.key for r in rows)):
             diffs = [x["top1"] - y["top1"] for x, y in zip(v["rows"][a]["seeds"], v["rows"][b]["seeds"])]
             v["differences"][f"{a}-{b}"] = {"a": a, "b": b, **paired_ci(diffs)}
         v["student_gap"] = v["teacher"]["top1"] - v["rows"]["ce"]["top1_mean"]

@@ -14,8 +14,8 @@ from typing import Any
 
 from wsld.demo.collect import collect, training_span
 from wsld.demo.data import prepare_data
-from wsld.demo.plan import (QUICK, REGIMES, ROWS, RunSpec, Settings, plan_phase1, plan_students, run_state, select,
-                            write_configs)  # fmt: skip
+from wsld.demo.plan import (ALWAYS_ROWS, QUICK, REGIMES, ROW_BY_KEY, RunSpec, Settings, plan_phase1, plan_students,
+                            run_state, select, write_configs)  # fmt: skip
 from wsld.demo.plots import make_plots
 from wsld.demo.report import QUICK_NOTE, write_report
 from wsld.demo.runner import Runner, duration
@@ -29,6 +29,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     s = Settings(**(QUICK if args.quick else {}))
     if args.regimes:
         s.regimes = tuple(r for r in REGIMES if r in args.regimes)
+    if args.losses:
+        s.rows = tuple(k for k in ROW_BY_KEY if k in args.losses or k in ALWAYS_ROWS)
     if args.seeds is not None:
         s.seeds = args.seeds
     if args.epochs is not None:
@@ -62,7 +64,7 @@ def command_line(args: argparse.Namespace) -> str:
     parts = ["wsld", "demo"]
     if args.quick:
         parts.append("--quick")
-    for key in ("out", "seeds", "regimes", "epochs", "teacher_epochs", "jobs", "threads", "batch_size",
+    for key in ("out", "seeds", "regimes", "losses", "epochs", "teacher_epochs", "jobs", "threads", "batch_size",
                 "limit_per_class", "data_path"):  # fmt: skip
         value = getattr(args, key)
         if value is None or (key == "batch_size" and value == 128):
@@ -108,6 +110,10 @@ def _run_demo(args: argparse.Namespace) -> int:
         raise UserError(f"cannot create the demo folder {out}: {e.strerror or e} (choose another --out)") from None
     if s.quick:
         log(QUICK_NOTE)
+    added = [k for k in ALWAYS_ROWS if args.losses and k not in args.losses]
+    if added:
+        log(f"rows {', '.join(s.rows)}: {' and '.join(added)} added (CE and WSLD always run: every paired difference "
+            "is WSLD minus another row)")
     log(f"{out}: {s.seeds} seed(s); " + ", ".join(f"{r} {s.epochs[r]} epochs (teacher {s.teacher_epochs[r]})"
         for r in s.regimes) + f"; {s.jobs} run(s) at a time, {s.threads} thread(s) each")  # fmt: skip
     paths = prepare_data(out / "data", s, log)
@@ -119,7 +125,7 @@ def _run_demo(args: argparse.Namespace) -> int:
 
     phase1, regimes = plan_phase1(out, paths, s)
     times = run_phase(phase1)
-    chosen = select(phase1)
+    chosen = select(phase1, s.chosen_rows)
     log("chosen on held-out training images: " + ", ".join(
         f"{k} lr {c['lr']:g}" + (f" T {c['T']:g}" if c["T"] is not None else "") for k, c in chosen.items()))
     phase2 = plan_students(out, paths, s, regimes, chosen)
@@ -129,7 +135,7 @@ def _run_demo(args: argparse.Namespace) -> int:
     from wsld.data.builtin import FASHION_MNIST_CLASSES
     from wsld.files import atomic_write_text
 
-    results = collect(specs, regimes, list(FASHION_MNIST_CLASSES))
+    results = collect(specs, regimes, list(FASHION_MNIST_CLASSES), s.chosen_rows)
     plots = make_plots(results, out / "plots", s.seeds, quick=s.quick)
     timings_path = out / "timings.json"
     timings = json.loads(timings_path.read_text(encoding="utf-8")) if timings_path.is_file() else {}
@@ -144,6 +150,7 @@ def _run_demo(args: argparse.Namespace) -> int:
         })  # fmt: skip
     meta = {
         "command": command_line(args),
+        "rows": list(s.rows),
         "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(s).items()},
         "epochs": {r: {"student": s.epochs[r], "teacher": s.teacher_epochs[r]} for r in s.regimes},
         "machine": {"cpus": os.cpu_count(), "torch": torch.__version__, "load_start": load_start,
@@ -151,7 +158,7 @@ def _run_demo(args: argparse.Namespace) -> int:
                     "device": "CUDA " + torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"},
         "data": {"full": paths.full, "small": paths.small, "search": paths.search},
         "search": {"epochs": s.search_epochs, "train_per_class": s.small_per_class,
-                   "heldout_per_class": s.heldout_per_class, "runs_per_row": len(ROWS[0].grid), "chosen": chosen},
+                   "heldout_per_class": s.heldout_per_class, "runs_per_row": len(ROW_BY_KEY["ce"].grid), "chosen": chosen},
         "wall_s": time.perf_counter() - t_start,
         "runs_s": sum(times.values()),
         "training_span_s": training_span(specs),

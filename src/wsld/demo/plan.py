@@ -22,30 +22,45 @@ class Row:
     key: str  # run-name part and results key
     name: str  # the row's name in the tables
     loss: str  # distill.loss
-    alpha: Optional[float]  # None: CE (no teacher)
+    alpha: Optional[float]  # distill.alpha; None: the loss has none (ce, dist), the pinned unused 0.9 is written
     params: dict = field(default_factory=dict)  # distill.params
     grid: tuple = ()  # (lr, T or None), in tie-break order
+    warmup_share: float = 0.0  # > 0: distill.params.warmup_epochs = this share of the run's epochs (dkd)
 
     @property
     def distilled(self) -> bool:
         return self.loss != "ce"
 
 
-def _distill_grid(first_t: float) -> tuple:
-    other = 4.0 if first_t == 2.0 else 2.0
-    return tuple((lr, t) for t in (first_t, other) for lr in (0.05, 0.1))
+def _distill_grid(first_t: float, other_t: float) -> tuple:
+    """2 rates x 2 temperatures, the recipe's T first (the first point wins ties)."""
+    return tuple((lr, t) for t in (first_t, other_t) for lr in (0.05, 0.1))
 
 
-ROWS = (
+DKD_WARMUP_SHARE = 20 / 240  # the paper's CIFAR-100 warm-up, 20 of 240 epochs, kept as a share of the run (docs/demo.md)
+ROWS = (  # every row the demo can run, in table order
     Row("ce", "Original (CE)", "ce", None, {}, tuple((lr, None) for lr in (0.025, 0.05, 0.1, 0.2))),
-    Row("kd", "KD (alpha 0.9)", "kd", 0.9, {}, _distill_grid(4.0)),
-    Row("wsld", "WSLD (alpha 2.5)", "wsld", 2.5, {}, _distill_grid(2.0)),
-    Row("wsld_w1", "WSLD, weights fixed at 1 (alpha 2.5)", "wsld", 2.5, {"weighting": "off"}, _distill_grid(2.0)),
+    Row("kd", "KD (alpha 0.9)", "kd", 0.9, {}, _distill_grid(4.0, 2.0)),
+    Row("wsld", "WSLD (alpha 2.5)", "wsld", 2.5, {}, _distill_grid(2.0, 4.0)),
+    Row("wsld_w1", "WSLD, weights fixed at 1 (alpha 2.5)", "wsld", 2.5, {"weighting": "off"}, _distill_grid(2.0, 4.0)),
+    Row("dkd", "DKD (alpha 1, beta 8)", "dkd", 1.0, {"beta": 8.0, "ce_weight": 1.0}, _distill_grid(4.0, 2.0),
+        warmup_share=DKD_WARMUP_SHARE),
+    Row("dist", "DIST (beta 1, gamma 1, weight 2)", "dist", None, {"beta": 1.0, "gamma": 1.0, "weight": 2.0},
+        _distill_grid(1.0, 4.0)),
 )
 ROW_BY_KEY = {r.key: r for r in ROWS}
-SHORT_NAMES = {"teacher": "teacher", "ce": "CE", "kd": "KD", "wsld": "WSLD", "wsld_w1": "WSLD (w = 1)"}
-COLORS = {"teacher": "#555555", "ce": "#1f77b4", "kd": "#ff7f0e", "wsld": "#2ca02c", "wsld_w1": "#9467bd"}
-COMPARISONS = (("wsld", "ce"), ("wsld", "kd"), ("wsld", "wsld_w1"))  # paired differences, first minus second
+DEFAULT_ROWS = ("ce", "kd", "wsld", "wsld_w1")  # the pre-registered comparison (docs/demo.md)
+ALWAYS_ROWS = ("ce", "wsld")  # every paired difference is WSLD minus another row; the teacher's gap is against CE
+SHORT_NAMES = {"teacher": "teacher", "ce": "CE", "kd": "KD", "wsld": "WSLD", "wsld_w1": "WSLD (w = 1)", "dkd": "DKD",
+               "dist": "DIST"}  # fmt: skip
+COLORS = {"teacher": "#555555", "ce": "#1f77b4", "kd": "#ff7f0e", "wsld": "#2ca02c", "wsld_w1": "#9467bd",
+          "dkd": "#d62728", "dist": "#8c564b"}  # fmt: skip
+COMPARISONS = (("wsld", "ce"), ("wsld", "kd"), ("wsld", "wsld_w1"), ("wsld", "dkd"), ("wsld", "dist"))  # first minus second
+
+
+def comparisons(rows: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
+    """The paired differences among the rows that ran, in ``COMPARISONS`` order."""
+    return tuple((a, b) for a, b in COMPARISONS if a in rows and b in rows)
 
 
 @dataclass
@@ -65,10 +80,15 @@ class Settings:
     threads: int = 1
     quick: bool = False
     source: Optional[str] = None  # folder with the Fashion-MNIST IDX files (None: the system location)
+    rows: tuple[str, ...] = DEFAULT_ROWS  # Row keys, in ROWS order
 
     @property
     def search_epochs(self) -> int:
         return self.epochs["small-data"]
+
+    @property
+    def chosen_rows(self) -> tuple[Row, ...]:
+        return tuple(ROW_BY_KEY[k] for k in self.rows)
 
 
 QUICK = dict(seeds=1, epochs={r: 1 for r in REGIMES}, teacher_epochs={r: 2 for r in REGIMES}, train_per_class=200,
@@ -129,8 +149,11 @@ def run_config(s: Settings, data_path: Optional[str], regime: str, row: str, see
     r = ROW_BY_KEY.get(row)
     distill: dict = {"loss": "ce", "T": 4.0, "alpha": 0.9}
     if r is not None and r.distilled:
-        distill = {"loss": r.loss, "T": T, "alpha": r.alpha, "params": dict(r.params),
-                   "soft_labels": str(soft_labels.resolve()) if soft_labels else None}  # fmt: skip
+        params = dict(r.params)
+        if r.warmup_share > 0:
+            params["warmup_epochs"] = r.warmup_share * epochs
+        distill = {"loss": r.loss, "T": T, "alpha": r.alpha if r.alpha is not None else distill["alpha"],
+                   "params": params, "soft_labels": str(soft_labels.resolve()) if soft_labels else None}  # fmt: skip
     d = {
         "data": {"dataset": "fashion-mnist", "format": "builtin", "data_path": data_path, "batch_size": s.batch_size,
                  "val_batch_size": 500, "workers": 0, "augment": True, "hflip": True,
@@ -203,7 +226,7 @@ def plan_phase1(out: Path, paths: DataPaths, s: Settings) -> tuple[list[RunSpec]
                                crops=s.epochs[regime]))
     store0 = out / "stores" / "small-data-store-s0"
     n_train = regimes["small-data"]["train_images"]
-    for row in ROWS:
+    for row in s.chosen_rows:
         for lr, T in row.grid:
             cfg = run_config(s, paths.search, "small-data", row.key, 0, s.search_epochs, lr, T,
                              teacher_weights=out / "runs" / "small-data-teacher" / "last.pt" if row.distilled else None,
@@ -215,10 +238,10 @@ def plan_phase1(out: Path, paths: DataPaths, s: Settings) -> tuple[list[RunSpec]
     return specs, {r: regimes[r] for r in s.regimes}
 
 
-def select(specs: list[RunSpec]) -> dict[str, dict]:
+def select(specs: list[RunSpec], rows: tuple[Row, ...]) -> dict[str, dict]:
     """Per row, the grid point whose run ends best on the held-out images (ties: the first in the grid)."""
     out: dict[str, dict] = {}
-    for row in ROWS:
+    for row in rows:
         table = []
         for lr, T in row.grid:
             sp = next(sp for sp in specs if sp.regime == "search" and sp.row == row.key and sp.grid == (lr, T))
@@ -236,7 +259,7 @@ def plan_students(out: Path, paths: DataPaths, s: Settings, regimes: dict[str, d
         weights = out / "runs" / f"{regime}-teacher" / "last.pt"
         for seed in range(s.seeds):
             store = f"{regime}-store-s{seed}"
-            for row in ROWS:
+            for row in s.chosen_rows:
                 c = chosen[row.key]
                 cfg = run_config(s, regime_data(paths, regime), regime, row.key, seed, s.epochs[regime], c["lr"], c["T"],
                                  teacher_weights=weights if row.distilled else None,

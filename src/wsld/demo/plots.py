@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from wsld.demo.plan import COLORS, COMPARISONS, SHORT_NAMES
+from wsld.demo.plan import COLORS, SHORT_NAMES
 
 
 def save_figure(fig: Any, path: Path) -> None:
@@ -62,7 +62,7 @@ def make_plots(results: dict[str, Any], plots: Path, seeds: int, quick: bool = F
 
     # 2. final top-1 with error bars over seeds
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    names = ["teacher", "ce", "kd", "wsld", "wsld_w1"]
+    names = ["teacher", *next(iter(results.values()))["rows"]]
     width = 0.8 / len(names)
     lows = []
     for i, name in enumerate(names):
@@ -83,7 +83,7 @@ def make_plots(results: dict[str, Any], plots: Path, seeds: int, quick: bool = F
     ax.set_ylim(max(0.0, math.floor(min(lows) / 5) * 5 - 5), 100)
     ax.set_ylabel("test top-1 (%), last epoch")
     ax.set_title(f"{banner}Fashion-MNIST: final test top-1 ({seed_note}, error bar = std over seeds)")
-    ax.legend(loc="upper right", fontsize=8, ncol=5)
+    ax.legend(loc="upper right", fontsize=8, ncol=min(5, len(names)))
     ax.grid(axis="y", alpha=0.3)
     path = plots / "final_top1.png"
     save(fig, path)
@@ -150,12 +150,13 @@ def make_plots(results: dict[str, Any], plots: Path, seeds: int, quick: bool = F
     # 5. paired differences with their 95% CIs (not for a pipeline check: it has no comparison)
     if not quick and seeds > 1:
         fig, ax = plt.subplots(figsize=(8, 4.2))
-        width = 0.8 / len(COMPARISONS)
-        for i, (a, b) in enumerate(COMPARISONS):
+        pairs = [(d["a"], d["b"]) for d in next(iter(results.values()))["differences"].values()]
+        width = 0.8 / len(pairs)
+        for i, (a, b) in enumerate(pairs):
             xs, ys, lo, hi = [], [], [], []
             for j, v in enumerate(results.values()):
                 d = v["differences"][f"{a}-{b}"]
-                xs.append(j + (i - (len(COMPARISONS) - 1) / 2) * width)
+                xs.append(j + (i - (len(pairs) - 1) / 2) * width)
                 ys.append(d["mean"])
                 lo.append(d["mean"] - d["low"])
                 hi.append(d["high"] - d["mean"])
