@@ -42,8 +42,23 @@ def setup_runtime(device: Optional[str] = None) -> Runtime:
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+        init_process_group("nccl" if dev.type == "cuda" else "gloo", rank, world)
     return Runtime(dev, rank, world, local_rank)
+
+
+def init_process_group(backend: str, rank: int, world: int) -> None:
+    """``env://`` as torchrun sets it up; after an elastic restart the keys go under this attempt's
+    own prefix of the agent's store: the store outlives the attempt, and a restarted rank that read
+    a dead rank's address from it failed to connect (gloo) or hung."""
+    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    if restart and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        from datetime import timedelta
+
+        base = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
+                             timeout=timedelta(minutes=30))  # fmt: skip
+        dist.init_process_group(backend, store=dist.PrefixStore(f"/wsld/attempt_{restart}", base), rank=rank, world_size=world)
+    else:
+        dist.init_process_group(backend=backend)
 
 
 def teardown_runtime(rt: Runtime) -> None:
