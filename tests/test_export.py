@@ -21,7 +21,7 @@ from wsld.export import load_student
 def run_dir(tmp_path_factory):
     """A digits student trained for one epoch with CE (no teacher needed)."""
     tmp = tmp_path_factory.mktemp("export")
-    args = ["train", "data.dataset=digits", "distill.loss=ce", "train.epochs=1", "data.batch_size=64",
+    args = ["train", "data.dataset=digits", "distill.loss=ce", "model.student=cnn_student", "train.epochs=1", "data.batch_size=64",
             "data.workers=0", "train.progress=false", f"model.teacher_cache={tmp / 'cache'}", "--out", str(tmp / "run")]  # fmt: skip
     assert main(args) == 0
     return tmp / "run"

@@ -4,7 +4,6 @@ that train their teacher, and checkpoints written before the package redesign.""
 
 from __future__ import annotations
 
-import io
 import os
 import shutil
 import signal
@@ -117,10 +116,11 @@ def test_elastic_restart_after_a_rank_is_killed_finishes_like_an_uninterrupted_r
 def test_a_second_run_or_resume_on_a_live_run_directory_is_refused_naming_the_pid(tmp_path):
     run = tmp_path / "run"
     log = tmp_path / "1.log"
-    p = _start([*WSLD, "train", *CE2, "--out", str(run)], log, WSLD_TEST_SLOW_STEP="0.1")
+    # slow steps keep the first run alive (84 steps, 25 s or more) while the two others start and are refused
+    p = _start([*WSLD, "train", *CE2, "train.epochs=4", "--out", str(run)], log, WSLD_TEST_SLOW_STEP="0.3")
     try:
         _wait_for(lambda: (run / "last.pt").is_file(), p, log)
-        for argv in (["train", *CE2, "--out", str(run)], ["train", "--resume", str(run)]):
+        for argv in (["train", *CE2, "train.epochs=4", "--out", str(run)], ["train", "--resume", str(run)]):
             q = subprocess.run([*WSLD, *argv], capture_output=True, text=True, env=sub_env(), timeout=120)
             assert q.returncode == 2 and "Traceback" not in q.stderr, q.stderr
             line = q.stderr.strip().splitlines()[-1]
@@ -241,24 +241,6 @@ def test_allow_weak_teacher_distills_with_a_warning(tmp_path, chance_teacher, ca
 
 
 # --------------------------------------------------------------------------- disk fills during training
-
-
-@pytest.fixture
-def tmpfs(tmp_path):
-    mounted = []
-
-    def mount(options: str) -> Path:
-        where = tmp_path / f"mnt{len(mounted)}"
-        where.mkdir()
-        p = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)], capture_output=True, text=True)
-        if p.returncode != 0:
-            pytest.skip(f"cannot mount a tmpfs here ({p.stderr.strip() or p.returncode})")
-        mounted.append(where)
-        return where
-
-    yield mount
-    for where in mounted:
-        subprocess.run(["umount", "-l", str(where)], check=False)
 
 
 def test_disk_full_at_a_metrics_write_is_one_line(tmp_path, tmpfs):

@@ -25,7 +25,8 @@ N_IMAGES = 1347  # digits' training split
 
 def soft_labels_args(teacher: str, out: Path) -> list[str]:
     # 8 crops per forward = 4 images per batch: 337 batches, so a kill lands mid-run
-    return ["soft-labels", "data.dataset=digits", "data.workers=0", "train.progress=false", f"model.teacher_weights={teacher}",
+    return ["soft-labels", "data.dataset=digits", "data.workers=0", "train.progress=false", "model.teacher=cnn_teacher",
+            f"model.teacher_weights={teacher}",
             "--crops", "2", "--topk", "3", "--batch-size", "8", "--out", str(out)]  # fmt: skip
 
 

@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="wsld",
         description="Knowledge distillation of image classifiers with Weighted Soft Label Distillation "
         "(Zhou et al., ICLR 2021). Run 'wsld train' with no arguments for the built-in default: "
-        "WSLD on Fashion-MNIST, small CNN teacher -> tiny CNN student.",
+        "WSLD on Fashion-MNIST, CIFAR ResNet teacher cifar_resnet20_s2 -> student cifar_resnet8_s2.",
     )
     parser.add_argument("--version", action="version", version=f"wsld {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
