@@ -30,6 +30,7 @@ def make_plots(results: dict[str, Any], plots: Path, seeds: int, quick: bool = F
     written: list[Path] = []
     seed_note = f"mean over {seeds} seed{'s' if seeds > 1 else ''}"
     titles = {"balanced": "balanced", "long-tail": "long-tailed (ratio 100)", "small-data": "small data (a tenth of the training images)"}
+    ticks = {"balanced": "balanced", "long-tail": "long-tailed\n(ratio 100)", "small-data": "small data\n(600 per class)"}  # axis labels side by side
     banner = "PIPELINE CHECK (--quick), NOT A COMPARISON\n" if quick else ""
 
     def save(fig, path: Path) -> None:
@@ -79,7 +80,7 @@ def make_plots(results: dict[str, Any], plots: Path, seeds: int, quick: bool = F
         label = "teacher (1 run)" if name == "teacher" else SHORT_NAMES[name]
         bars = ax.bar(xs, ys, width, yerr=es, capsize=3, color=COLORS[name], label=label)
         ax.bar_label(bars, labels=[f"{y:.1f}" for y in ys], fontsize=7, padding=2)
-    ax.set_xticks(range(len(results)), [titles[v] for v in results])
+    ax.set_xticks(range(len(results)), [ticks[v] for v in results])
     ax.set_ylim(max(0.0, math.floor(min(lows) / 5) * 5 - 5), 100)
     ax.set_ylabel("test top-1 (%), last epoch")
     ax.set_title(f"{banner}Fashion-MNIST: final test top-1 ({seed_note}, error bar = std over seeds)")
@@ -163,7 +164,7 @@ def make_plots(results: dict[str, Any], plots: Path, seeds: int, quick: bool = F
             ax.bar(xs, ys, width, yerr=[lo, hi], capsize=3, color=COLORS[b], alpha=0.8,
                    label=f"{SHORT_NAMES[a]} − {SHORT_NAMES[b]}")
         ax.axhline(0, color="black", lw=0.8)
-        ax.set_xticks(range(len(results)), [titles[r] for r in results])
+        ax.set_xticks(range(len(results)), [ticks[r] for r in results])
         ax.set_ylabel("difference in test top-1 (points)")
         ax.set_title(f"paired differences, mean over {seeds} seeds, error bar = 95% CI (t distribution)")
         ax.legend(fontsize=8)
