@@ -17,6 +17,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from wsld.cli import main
+
 CLASSES = ["Zebra", "apple", "n01"]  # sorted(): uppercase before lowercase, as ImageFolder
 
 
@@ -134,3 +136,19 @@ def write_reference_lmdb(root: Path, out: Path, split: str, label_order: list[st
 @pytest.fixture(scope="session")
 def image_tree(tmp_path_factory) -> Tree:
     return make_tree(tmp_path_factory.mktemp("imagenet"))
+
+
+def wsld(capsys, *argv) -> tuple[int, str, str]:
+    """Run the CLI in-process: (exit code, stdout, stderr)."""
+    capsys.readouterr()
+    rc = main([str(a) for a in argv])
+    cap = capsys.readouterr()
+    return rc, cap.out, cap.err
+
+
+def error_line(err: str) -> str:
+    """The one ``wsld: error:`` line of a refused command (and no traceback)."""
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.startswith("wsld: error:")]
+    assert len(lines) == 1, err
+    return lines[0]

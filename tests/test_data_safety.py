@@ -12,9 +12,8 @@ from pathlib import Path
 
 import lmdb
 import pytest
-from data_fixtures import encode, image_tree, photo, write_reference_lmdb  # noqa: F401  (fixture)
+from data_fixtures import encode, error_line, image_tree, photo, write_reference_lmdb, wsld  # noqa: F401  (fixture)
 
-from wsld.cli import main
 from wsld.config import DataConfig
 from wsld.data.datasets import CorruptSample, build_image_datasets
 from wsld.data.lmdb_reader import open_lmdb_index, release_env
@@ -24,18 +23,6 @@ from wsld.errors import DataError
 pytestmark = pytest.mark.timeout(60)  # a FIFO that is opened blocks for ever: fail instead of hanging
 
 
-def wsld(capsys, *argv) -> tuple[int, str, str]:
-    capsys.readouterr()
-    rc = main([str(a) for a in argv])
-    cap = capsys.readouterr()
-    return rc, cap.out, cap.err
-
-
-def error_line(err: str) -> str:
-    assert "Traceback" not in err, err
-    lines = [line for line in err.splitlines() if line.startswith("wsld: error:")]
-    assert len(lines) == 1, err
-    return lines[0]
 
 
 def small_tree(root: Path) -> Path:

@@ -22,8 +22,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from data_fixtures import error_line, wsld
 from reliability_helpers import records, sub_env
-from wsld.cli import main
 
 CLASSES = ["cat", "dog"]
 NON_UTF8 = b"\xff\xfe-latin1-\xe9.jpg"  # not valid UTF-8
@@ -103,18 +103,6 @@ def photo_args(root: Path, fmt: str = "folder") -> list[str]:
     ]  # fmt: skip
 
 
-def wsld(capsys, *argv) -> tuple[int, str, str]:
-    capsys.readouterr()
-    rc = main([str(a) for a in argv])
-    cap = capsys.readouterr()
-    return rc, cap.out, cap.err
-
-
-def error_line(err: str) -> str:
-    assert "Traceback" not in err, err
-    lines = [line for line in err.splitlines() if line.startswith("wsld: error:")]
-    assert len(lines) == 1, err
-    return lines[0]
 
 
 def _bad_files(root: Path) -> set[str]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 import os
 import pickle
-import subprocess
 import uuid
 from pathlib import Path
 
@@ -136,25 +135,6 @@ def test_run_dir_under_a_regular_file_fails_before_any_training(tmp_path, capsys
     line = _assert_failed_before_training(err, blocker / "run", cache)
     assert str(blocker) in line
     assert blocker.read_text() == "not a folder"
-
-
-@pytest.fixture
-def tmpfs(tmp_path):
-    """Mount a tmpfs (needs root or CAP_SYS_ADMIN): ``tmpfs("size=64k")``, ``tmpfs("ro")``."""
-    mounted = []
-
-    def mount(options: str) -> Path:
-        where = tmp_path / f"mnt{len(mounted)}"
-        where.mkdir()
-        p = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)], capture_output=True, text=True)
-        if p.returncode != 0:
-            pytest.skip(f"cannot mount a tmpfs here ({p.stderr.strip() or p.returncode})")
-        mounted.append(where)
-        return where
-
-    yield mount
-    for where in mounted:
-        subprocess.run(["umount", "-l", str(where)], check=False)
 
 
 def test_read_only_filesystem_fails_before_any_training(tmp_path, capsys, tmpfs):
