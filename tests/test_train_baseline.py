@@ -25,3 +25,22 @@ def test_no_baseline_unless_asked_for_a_config_run(tmp_path, capsys):
     run = tmp_path / "run"
     assert main(["train", *TINY, "train.epochs=1", f"model.teacher_cache={tmp_path / 'c'}", "--out", str(run)]) == 0
     assert "student alone" not in capsys.readouterr().out and not (tmp_path / "run-ce").exists()
+
+
+def test_a_finished_baseline_is_reused_and_another_run_there_is_refused(tmp_path, capsys):
+    args = [*TINY, "train.epochs=1", f"model.teacher_cache={tmp_path / 'c'}", "--baseline"]
+    assert main(["train", *args, "--out", str(tmp_path / "run")]) == 0
+    ce = tmp_path / "run-ce" / "summary.json"
+    before = ce.read_text()
+    # a second distilled run whose RUN_DIR-ce is this finished baseline: reused as it is
+    (tmp_path / "run2-ce").mkdir()
+    (tmp_path / "run2-ce" / "summary.json").write_text(before)
+    capsys.readouterr()
+    assert main(["train", *args, "--out", str(tmp_path / "run2")]) == 0
+    assert "student alone (CE)" in capsys.readouterr().out and ce.read_text() == before
+    # a folder of that name holding some other run is left alone and named
+    (tmp_path / "run3-ce").mkdir()
+    (tmp_path / "run3-ce" / "summary.json").write_text(json.dumps({"loss": "kd", "student": "cnn_student", "epochs": 1}))
+    assert main(["train", *args, "--out", str(tmp_path / "run3")]) == 2
+    assert "holds another finished run" in capsys.readouterr().err
+    assert not (tmp_path / "run3").exists()  # refused before anything was trained

@@ -84,20 +84,44 @@ def run(args: argparse.Namespace) -> int:
         diff = [k for k in config_diff(to_dict(base), to_dict(cfg)) if k not in RESUME_SAFE_KEYS]
         if diff:
             raise UserError(f"cannot resume {run_dir} with changed {', '.join(diff)} (start a new run instead)")
+        check_baseline_dir(args, cfg, run_dir, config_path, overrides)
         summary = run_training(cfg, run_dir, resume=True)
     else:
         cfg = load_config(config_path, overrides)
         run_dir = Path(args.out) if args.out else default_run_dir(cfg.data.dataset, cfg.distill.loss, cfg.model.student)
         if (run_dir / "last.pt").exists() or (run_dir / "summary.json").exists():
             raise UserError(f"{run_dir} already holds a run: use --resume {run_dir} to continue it, or another --out")
+        check_baseline_dir(args, cfg, run_dir, config_path, overrides)
         summary = run_training(cfg, run_dir)
     baseline = None
-    want_baseline = args.baseline if args.baseline is not None else (config_path is None and not overrides and not args.resume)
-    if want_baseline and cfg.distill.loss != "ce":
+    if wants_baseline(args, cfg, config_path, overrides):
         baseline = train_baseline(cfg, Path(summary["run_dir"]))
     if int(os.environ.get("RANK", "0")) == 0:
         print_report(summary, baseline)
     return 0
+
+
+def wants_baseline(args: argparse.Namespace, cfg, config_path: Optional[str], overrides: list[str]) -> bool:
+    """--baseline, or by default the built-in run (no CONFIG, no key=value, not a resume); never for CE itself."""
+    want = args.baseline if args.baseline is not None else (config_path is None and not overrides and not args.resume)
+    return bool(want) and cfg.distill.loss != "ce"
+
+
+def baseline_dir(run_dir: Path) -> Path:
+    return run_dir.with_name(run_dir.name + "-ce")
+
+
+def check_baseline_dir(args: argparse.Namespace, cfg, run_dir: Path, config_path: Optional[str], overrides: list[str]) -> None:
+    """Before any training: RUN_DIR-ce, when it holds a finished run, must be this baseline (it is
+    reused, never replaced)."""
+    import json
+
+    summary = baseline_dir(run_dir) / "summary.json"
+    if not wants_baseline(args, cfg, config_path, overrides) or not summary.is_file():
+        return
+    done = json.loads(summary.read_text())
+    if done.get("loss") != "ce" or done.get("student") != cfg.model.student or done.get("epochs") != cfg.train.epochs:
+        raise UserError(f"--baseline: {summary.parent} holds another finished run; move it, or give --out another name")
 
 
 def train_baseline(cfg, run_dir: Path) -> Optional[dict]:
@@ -114,8 +138,8 @@ def train_baseline(cfg, run_dir: Path) -> Optional[dict]:
     d = to_dict(cfg)
     d["distill"].update(loss="ce", params={})
     ce_cfg = config_from_dict(d)
-    ce_dir = run_dir.with_name(run_dir.name + "-ce")
-    if (ce_dir / "summary.json").is_file():
+    ce_dir = baseline_dir(run_dir)
+    if (ce_dir / "summary.json").is_file():  # checked by check_baseline_dir before the run
         return json.loads((ce_dir / "summary.json").read_text())
     print(f"[wsld] baseline: the same student, seed and recipe with CE alone, in {ce_dir}", file=sys.stderr)
     return run_training(ce_cfg, ce_dir, resume=(ce_dir / "last.pt").is_file())
