@@ -40,11 +40,6 @@ FORMAT = f"{FORMAT_NAME}-{FORMAT_VERSION}"
 #   best_top1, best_epoch, teacher_eval, skipped_steps, corrupt_count, metrics_lines, world_size
 #   rng                    per-rank RNG states (rng_state())
 #   config                 the run's resolved config as a dict
-CHECKPOINT_KEYS = (
-    "format", "student", "student_arch", "num_classes", "classes", "optimizer", "scheduler", "scaler", "ema",
-    "ema_n_averaged", "epoch", "step_in_epoch", "global_step", "epoch_stats", "best_top1", "best_epoch",
-    "teacher_eval", "skipped_steps", "corrupt_count", "metrics_lines", "world_size", "rng", "config",
-)  # fmt: skip
 
 # test hook: WSLD_TEST_SLOW_SAVE=<seconds> pauses every checkpoint write half-way (tests/test_reliability_*)
 SLOW_SAVE_ENV = "WSLD_TEST_SLOW_SAVE"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -52,9 +51,28 @@ class DirLock:
         self.fd = fd
         return True
 
+    def in_use(self, what: str) -> UserError:
+        return UserError(f"{what} is in use by another wsld process (pid {self.holder()}): wait for it to finish, or choose another folder")
+
     def acquire_or_refuse(self, what: str) -> None:
         if not self.try_acquire():
-            raise UserError(f"{what} is in use by another wsld process (pid {self.holder()}): wait for it to finish, or choose another folder")
+            raise self.in_use(what)
+
+    def refuse_if_held(self, what: str) -> None:
+        """Fail at once, creating nothing, when another live process holds this lock."""
+        if fcntl is None or not self.path.is_file():
+            return
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except OSError:
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        except OSError:
+            raise self.in_use(what) from None
+        finally:
+            os.close(fd)
 
     def acquire_waiting(self, log: Callable[[str], None], what: str, poll_s: float = 1.0) -> None:
         """Block until the lock is free, saying once who holds it."""
@@ -76,26 +94,3 @@ class DirLock:
             finally:
                 os.close(self.fd)
                 self.fd = None
-
-
-def refuse_if_locked(folder: Path, what: str) -> None:
-    """Fail at once, creating nothing, when another live process holds ``folder``'s lock."""
-    path = Path(folder) / LOCK_NAME
-    if fcntl is None or not path.is_file():
-        return
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        fcntl.flock(fd, fcntl.LOCK_UN)
-    except OSError:
-        holder = DirLock(folder).holder()
-        raise UserError(f"{what} is in use by another wsld process (pid {holder}): wait for it to finish, or choose another folder") from None
-    finally:
-        os.close(fd)
-
-
-def platform_has_locks() -> bool:
-    return fcntl is not None and sys.platform != "win32"

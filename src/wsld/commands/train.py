@@ -58,7 +58,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from wsld.config import load_config, to_dict
     from wsld.engine.rundir import RESUME_SAFE_KEYS, config_diff, default_run_dir
-    from wsld.locks import refuse_if_locked
+    from wsld.locks import DirLock
     from wsld.run import run_training
 
     config_path, overrides = split_config_and_overrides(args.args)
@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
         # torchrun --max-restarts: a restarted job continues its run (same command, no --resume needed)
         args.resume = args.out
     if args.resume or args.out:  # a live run there: say so, whatever else the folder holds
-        refuse_if_locked(Path(args.resume or args.out), f"run directory {args.resume or args.out}")
+        DirLock(Path(args.resume or args.out)).refuse_if_held(f"run directory {args.resume or args.out}")
     if args.resume:
         run_dir = Path(args.resume)
         saved = run_dir / "config.yaml"

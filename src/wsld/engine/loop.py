@@ -41,7 +41,7 @@ from wsld.engine.step import BatchNormalizer, StepContext, train_step
 from wsld.engine.stopping import StopRequest, TrainingStopped, ignore_stop_signals_in_worker, signal_name
 from wsld.errors import CheckpointError, UserError
 from wsld.files import atomic_write_text
-from wsld.locks import DirLock, refuse_if_locked
+from wsld.locks import DirLock
 from wsld.losses.registry import build_loss
 from wsld.models import build_model, check_model_name, load_weights
 from wsld.runtime import Runtime, amp_dtype_for, barrier, seed_everything, set_cpu_threads, use_channels_last
@@ -266,7 +266,7 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         cfg, rt = self.cfg, self.rt
         if rt.is_main:
-            refuse_if_locked(self.run_dir, f"run directory {self.run_dir}")  # a live run there: refuse before any work
+            DirLock(self.run_dir).refuse_if_held(f"run directory {self.run_dir}")  # a live run there: refuse before any work
             early_write_probe(self.run_dir)  # before any teacher training or data work
         self.setup()
         self.sched = None
@@ -300,8 +300,6 @@ class Trainer:
 
     def _fit(self, start_epoch: int, start_step: int, global_step: int, metrics_lines: int, saved_stats: Optional[dict],
              fresh_teacher_eval: bool) -> dict[str, Any]:  # fmt: skip
-        from tqdm import tqdm
-
         cfg, rt = self.cfg, self.rt
         if rt.is_main:
             write_probe(self.run_dir, self._estimated_checkpoint_bytes())
@@ -309,7 +307,6 @@ class Trainer:
         barrier(rt)
         # a fresh run empties metrics.jsonl and TensorBoard; a resumed one drops what came after its checkpoint
         self.metrics = MetricsLog(self.run_dir, rt.is_main, purge_step=global_step + 1 if self.resume else 0, keep_lines=metrics_lines)
-        progress = cfg.train.progress and rt.is_main
         self.say(
             f"{self.role}: {cfg.model.student} on {cfg.data.dataset} ({len(self.train_ds)} train / {len(self.val_ds)} val, "
             f"{self.info.num_classes} classes), loss={cfg.distill.loss}, device={rt.device}, world={rt.world_size}, "
@@ -336,14 +333,16 @@ class Trainer:
         self.sched.last_epoch = global_step - 1
         self.sched.step()  # lr for global_step
         self.student.train()
+        with StopRequest() as stop:
+            return self._epochs(stop, start_epoch, start_step, global_step, saved_stats)
+
+    def _epochs(self, stop: StopRequest, start_epoch: int, start_step: int, global_step: int, saved_stats: Optional[dict]) -> dict[str, Any]:
+        from tqdm import tqdm
+
+        cfg, rt = self.cfg, self.rt
+        progress = cfg.train.progress and rt.is_main
         stop_after = stop_after_steps(self.role)
         slow_step_s = float(os.environ.get(SLOW_STEP_ENV) or 0)
-        with StopRequest() as stop:
-            return self._epochs(stop, start_epoch, start_step, global_step, saved_stats, stop_after, slow_step_s, progress, tqdm)
-
-    def _epochs(self, stop: StopRequest, start_epoch: int, start_step: int, global_step: int, saved_stats: Optional[dict],
-                stop_after: int, slow_step_s: float, progress: bool, tqdm: Any) -> dict[str, Any]:  # fmt: skip
-        cfg, rt = self.cfg, self.rt
         C = self.info.num_classes
         last_eval: Optional[dict] = None
         last_ema_eval: Optional[dict] = None

@@ -50,10 +50,5 @@ class LiveTeacher:
         with torch.no_grad(), autocast(images.device, self.amp_dtype):
             return self.forward(images)
 
-    def restore_bn_mode(self) -> None:
-        """Put the BatchNorm mode back after the teacher was evaluated (``evaluate`` switches to eval)."""
-        if self.bn_mode is not None:
-            set_teacher_bn_mode(self.model, self.bn_mode)
-
     def describe(self) -> dict:
         return {"teacher": self.name, "teacher_weights": self.weights, "teacher_bn_mode": self.bn_mode}
