@@ -145,7 +145,7 @@ def label_error(full_store: Path, topks: list[int], overrides: list[str]) -> dic
     import torch
 
     from wsld.config import load_config
-    from wsld.data import build_datasets
+    from wsld.data.build import build_datasets
     from wsld.soft_labels.store import SoftLabelStore, logits_from_records, records_from_logits, records_to_tensors
 
     cfg = load_config(None, overrides)

@@ -13,7 +13,7 @@ import torch
 from wsld.checkpoint import load_checkpoint
 from wsld.cli import main
 from wsld.config import load_config
-from wsld.data import build_datasets
+from wsld.data.build import build_datasets
 from wsld.export import load_student
 
 

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 
 from data_fixtures import encode, photo
 from wsld.config import Config, validate
-from wsld.data import SubsetWithTargets
+from wsld.data.build import SubsetWithTargets
 from wsld.data.batch import Batch
 from wsld.data.datasets import CorruptSample, build_image_datasets
 from wsld.data.gpu_decode import (EncodedBatch, EncodedPhotoDataset, GpuDecoder, collate_encoded, encoded_view,

@@ -17,7 +17,7 @@ from torchvision.transforms.v2 import functional as F
 
 from wsld.cli import main
 from wsld.config import load_config
-from wsld.data import build_datasets
+from wsld.data.build import build_datasets
 from wsld.data.sampling import sample_seed
 from wsld.soft_labels.crops import crop_params
 from wsld.soft_labels.replay import ReplayDataset

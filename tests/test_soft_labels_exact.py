@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from wsld.config import load_config
-from wsld.data import build_datasets
+from wsld.data.build import build_datasets
 from wsld.data.sampling import ResumableSampler
 from wsld.losses.kd import kd
 from wsld.losses.wsld import wsld

@@ -70,7 +70,7 @@ def _in_channels(state: dict[str, Tensor]) -> int:
 
 def sample_batch(cfg, in_channels: int, log: Callable[[str], None]) -> tuple[Tensor, dict[str, Any]]:
     """Normalised validation images to check the export on (noise if the data is not here)."""
-    from wsld.data import build_datasets
+    from wsld.data.build import build_datasets
 
     try:
         _, val, info = build_datasets(cfg.data, seed=cfg.train.seed)

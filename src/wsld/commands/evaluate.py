@@ -25,7 +25,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from wsld.checkpoint import load_checkpoint, read_weights, student_state
     from wsld.config import load_config
-    from wsld.data import build_datasets
+    from wsld.data.build import build_datasets
     from wsld.data.sampling import ResumableSampler
     from wsld.engine.evaluate import evaluate
     from wsld.engine.loop import make_loader

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from wsld.export import FORMATS, export_student
+from wsld.commands import lazy_choices
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -19,7 +19,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "safetensors holds weights only: evaluate it with 'wsld eval FILE --config RUN/config.yaml'.",
     )
     p.add_argument("checkpoint", help="a wsld checkpoint (last.pt or best.pt)")
-    p.add_argument("--format", required=True, choices=FORMATS, help="onnx | torchscript | safetensors")
+    p.add_argument("--format", required=True, choices=lazy_choices("wsld.export", "FORMATS"), metavar="FORMAT",
+                   help="onnx | torchscript | safetensors")
     p.add_argument("--out", metavar="PATH", help="output file (default: beside the checkpoint, e.g. best.onnx)")
     p.add_argument("--ema", action="store_true", help="export the EMA weights stored in the checkpoint")
     p.set_defaults(func=run)
@@ -27,6 +28,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import sys
+
+    from wsld.export import export_student
 
     r = export_student(args.checkpoint, args.format, args.out, args.ema, log=lambda m: print(f"[wsld] {m}", file=sys.stderr))
     print(

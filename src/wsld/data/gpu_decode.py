@@ -122,7 +122,7 @@ class EncodedPhotoDataset(PhotoDataset):
 
 def encoded_view(dataset: Dataset) -> Dataset:
     """The same samples as ``dataset`` (a photo dataset or a long-tail subset of one) for device decoding."""
-    from wsld.data import SubsetWithTargets
+    from wsld.data.build import SubsetWithTargets
 
     if isinstance(dataset, SubsetWithTargets):
         view = copy.copy(dataset)

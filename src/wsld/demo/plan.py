@@ -177,7 +177,7 @@ def run_config(s: Settings, data_path: Optional[str], regime: str, row: str, see
 
 def train_counts(cfg: Any) -> tuple[list[int], int]:
     """Training images per class (after the long-tail cut) and the val size, as the engine sees them."""
-    from wsld.data import build_datasets
+    from wsld.data.build import build_datasets
 
     train, val, info = build_datasets(cfg.data, seed=cfg.train.seed)
     counts = [0] * info.num_classes

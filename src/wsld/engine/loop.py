@@ -26,7 +26,8 @@ from torch.utils.data import DataLoader
 
 from wsld.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from wsld.config import Config, config_from_dict, to_dict, to_yaml
-from wsld.data import DataInfo, build_datasets
+from wsld.data import DataInfo
+from wsld.data.build import build_datasets
 from wsld.data.batch import Batch, collate_batch
 from wsld.data.datasets import collate_skip_corrupt
 from wsld.data.gpu_decode import GpuDecoder, collate_encoded, encoded_view, resolve_decode

@@ -17,7 +17,7 @@ CropParams = tuple[int, int, int, int, int]  # top, left, height, width, flip
 
 def base_dataset(dataset: Dataset) -> tuple[Dataset, Callable[[int], int]]:
     """The dataset holding the transform, and the map from our index to its index (long-tail subsets)."""
-    from wsld.data import SubsetWithTargets
+    from wsld.data.build import SubsetWithTargets
 
     if isinstance(dataset, SubsetWithTargets):
         inner, to_inner = base_dataset(dataset.dataset)

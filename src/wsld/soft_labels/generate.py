@@ -183,7 +183,7 @@ def make_soft_labels(
     """
     from tqdm import tqdm
 
-    from wsld.data import build_datasets
+    from wsld.data.build import build_datasets
     from wsld.engine.step import BatchNormalizer
     from wsld.models import build_model
     from wsld.runtime import setup_runtime
