@@ -31,6 +31,7 @@ BAD = [  # (override, words the error line must hold)
     ("distill.T=nan", ["distill.T", "finite"]),
     ("distill.T=inf", ["distill.T", "finite"]),
     ("distill.alpha=inf", ["distill.alpha", "finite"]),
+    ("distill.params.wsld.alpha=nan", ["distill.params.wsld.alpha", "finite"]),
     ("distill.label_smoothing=nan", ["distill.label_smoothing", "finite"]),
     ("distill.label_smoothing=1", ["distill.label_smoothing", "[0, 1)"]),
     ("data.min_scale=0", ["data.min_scale", "(0, 1]"]),
@@ -81,4 +82,6 @@ def test_yaml_nan_and_infinity_are_refused_through_load_config(tmp_path):
 def test_kd_alpha_bound_applies_to_kd_only():
     with pytest.raises(UserError, match="distill.alpha.*kd"):
         load_config(None, ["distill.loss=kd", "distill.alpha=1.5"])
-    assert load_config(None, ["distill.loss=dkd", "distill.alpha=1.5"]).distill.alpha == 1.5
+    with pytest.raises(UserError, match="distill.params.kd.alpha.*<= 1"):
+        load_config(None, ["distill.loss=kd", "distill.params.kd.alpha=1.5"])
+    assert load_config(None, ["distill.loss=dkd", "distill.alpha=1.5"]).distill.params["dkd"]["alpha"] == 1.5

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -31,6 +32,9 @@ class DataConfig:
     train_split: str = "train"
     val_split: str = "val"
     batch_size: int = 128  # global batch, summed over all processes
+    # or give the batch per process (timm's --batch-size): data.batch_size becomes this x the number
+    # of processes (torchrun's WORLD_SIZE) when the config is read, and the run records that
+    batch_size_per_device: Optional[int] = None
     val_batch_size: Optional[int] = None  # default: batch_size
     workers: int = 1  # DataLoader workers per process
     image_size: int = 224  # train crop / val crop for photo datasets
@@ -76,14 +80,13 @@ class ModelConfig:
 class DistillConfig:
     loss: str = "wsld"  # ce | kd | wsld | dkd | dist (docs/method.md)
     T: float = 4.0  # temperature (dist: tau)
-    # wsld: weight of the soft term (loss = hard + alpha * soft; reference 2.5 ImageNet, 2.25 CIFAR)
-    # kd:   mixing weight in [0, 1] (loss = (1 - alpha) * CE + alpha * T^2 * KL)
-    # dkd:  weight of the target-class term TCKD (0.5 ImageNet, 1 CIFAR); dist: unused
-    # the default (and T = 4) is the built-in run's: alpha the seed's 2.5, T chosen by the demo's search
-    alpha: float = 2.5
+    # older spelling of the chosen loss's alpha (distill.params.<loss>.alpha); null in new configs
+    alpha: Optional[float] = None
     label_smoothing: float = 0.0  # on the hard term only
-    # the chosen loss's own parameters, e.g. {beta: 8.0, warmup_epochs: 20} for dkd; empty = its
-    # defaults (wsld: weighting; dkd: beta, ce_weight, warmup_epochs; dist: beta, gamma, weight)
+    # each loss's own parameters, one section per loss, e.g. {wsld: {alpha: 2.5}, kd: {alpha: 0.9}};
+    # only the chosen loss's section is read, an empty one means its defaults (docs/method.md):
+    # wsld: alpha (soft-term weight, 2.5), weighting; kd: alpha (mixing weight in [0, 1], 0.9);
+    # dkd: alpha (TCKD), beta, ce_weight, warmup_epochs; dist: beta, gamma, weight
     params: dict[str, Any] = field(default_factory=dict)
     soft_labels: Optional[str] = None  # stored teacher outputs (wsld soft-labels) instead of a teacher
     # distill from a teacher whose val top-1 is within 5 points of chance (normally a mistake: wrong weights or class order)
@@ -135,6 +138,7 @@ class TeacherTrainConfig:
 @dataclass
 class CheckpointConfig:
     every_steps: int = 0  # extra mid-epoch checkpoint every N optimizer steps (0: at epoch ends only)
+    keep_every_epochs: int = 0  # also keep epoch_<n>.pt every K epochs besides last.pt/best.pt (0: off)
 
 
 @dataclass
@@ -222,7 +226,7 @@ INT64_MAX = 2**63 - 1  # torch, numpy and the checkpoint all hold integers as in
 def _numbers(node: Any, prefix: str = "") -> list[tuple[str, Any]]:
     """(dotted key, value) of every number in the config tree, list items under their list's key.
 
-    ``distill.params`` is left to the loss registry, which knows each parameter's type.
+    ``distill.params`` (and the older ``distill.alpha``) are left to the loss registry, which knows each parameter's range.
     """
     out: list[tuple[str, Any]] = []
     for f in dataclasses.fields(node):
@@ -261,11 +265,11 @@ def _check_numbers(cfg: Config) -> None:
     for key, value in at_least_one:
         _require(key, value, value >= 1, ">= 1")
     for key, value in [
-        ("distill.alpha", cfg.distill.alpha), ("data.workers", d.workers), ("data.crop_padding", d.crop_padding),
+        ("data.workers", d.workers), ("data.crop_padding", d.crop_padding),
         ("data.color_jitter", d.color_jitter), ("train.lr", t.lr), ("train.weight_decay", t.weight_decay),
         ("train.warmup_epochs", t.warmup_epochs), ("train.grad_clip", t.grad_clip), ("train.threads", t.threads),
         ("train.log_every", t.log_every), ("teacher_train.lr", tt.lr), ("teacher_train.weight_decay", tt.weight_decay),
-        ("checkpoint.every_steps", cfg.checkpoint.every_steps),
+        ("checkpoint.every_steps", cfg.checkpoint.every_steps), ("checkpoint.keep_every_epochs", cfg.checkpoint.keep_every_epochs),
     ]:  # fmt: skip
         _require(key, value, value >= 0, ">= 0")
     _require("distill.T", cfg.distill.T, cfg.distill.T > 0, "> 0")
@@ -281,15 +285,27 @@ def _check_numbers(cfg: Config) -> None:
     _require("data.std", d.std, d.std is None or all(x > 0 for x in d.std), "> 0 (it divides the pixels)")
 
 
+def _resolve_batch(d: DataConfig) -> None:
+    """``data.batch_size_per_device`` -> the global ``data.batch_size`` for this launch's process count."""
+    if d.batch_size_per_device is None:
+        return
+    per, world = d.batch_size_per_device, int(os.environ.get("WORLD_SIZE") or 1)
+    _require("data.batch_size_per_device", per, isinstance(per, int) and per >= 1, ">= 1")
+    if d.batch_size not in (DataConfig.batch_size, per * world):
+        raise UserError(f"config keys 'data.batch_size' ({d.batch_size}, global) and 'data.batch_size_per_device' "
+                        f"({per} x {world} processes = {per * world}) disagree: give one of the two")
+    d.batch_size, d.batch_size_per_device = per * world, None
+
+
 def validate(cfg: Config) -> None:
     """Range and name checks that the type system cannot express."""
-    from wsld.losses.registry import LOSSES
+    from wsld.losses.registry import LOSSES, resolve_loss_params
 
+    _resolve_batch(cfg.data)
     _check_numbers(cfg)
     _choice("distill.loss", cfg.distill.loss, LOSSES)
-    if cfg.distill.loss == "kd" and cfg.distill.alpha > 1:
-        raise UserError(f"config key 'distill.alpha': for kd it is a mixing weight in [0, 1], got {cfg.distill.alpha}")
-    cfg.distill.params = LOSSES[cfg.distill.loss].check_params(cfg.distill.params)
+    cfg.distill.params = resolve_loss_params(cfg.distill.loss, cfg.distill.params, cfg.distill.alpha)
+    cfg.distill.alpha = None  # now in distill.params.<loss>.alpha
     _choice("data.format", cfg.data.format, {"builtin", "folder", "list", "lmdb"})
     _choice("data.on_corrupt", cfg.data.on_corrupt, {"skip", "stop"})
     _choice("data.decode", cfg.data.decode, {"cpu", "gpu", "auto"})

@@ -36,7 +36,8 @@ from wsld.engine.evaluate import evaluate
 from wsld.engine.guards import TrainingDiverged, check_teacher_strength, weights_finite
 from wsld.engine.hooks import SLOW_STEP_ENV, maybe_kill9, simulated_crash, stop_after_steps
 from wsld.engine.optim import build_optimizer, effective_lr, lr_factor
-from wsld.engine.rundir import RESUME_SAFE_KEYS, MetricsLog, config_diff, early_write_probe, write_probe
+from wsld.engine.resume import NOT_COMPARED_ON_RESUME, check_run_files, epochs_refusal, set_aside_summary, write_run_record
+from wsld.engine.rundir import MetricsLog, config_diff, early_write_probe, write_probe
 from wsld.engine.stats import EpochStats
 from wsld.engine.step import BatchNormalizer, StepContext, train_step
 from wsld.engine.stopping import StopRequest, TrainingStopped, ignore_stop_signals_in_worker, signal_name
@@ -77,7 +78,7 @@ class Trainer:
     def __init__(self, cfg: Config, run_dir: Path | str, rt: Runtime, *, resume: bool = False, role: str = "student",
                  teacher_factory: Optional[TeacherFactory] = None):  # fmt: skip
         self.cfg, self.rt, self.role = cfg, rt, role
-        self.run_dir = Path(run_dir)
+        self.run_dir = Path(os.path.abspath(run_dir))  # summary.json and every message name it absolutely
         self.resume = resume
         self.teacher_factory = teacher_factory
 
@@ -224,10 +225,14 @@ class Trainer:
     def _restore(self) -> tuple[int, int, int, int, Optional[dict]]:
         path = self.run_dir / "last.pt"
         ck = load_checkpoint(path)
-        saved = to_dict(config_from_dict(ck.get("config", {})))  # keys added since the run was made: their defaults
-        diff = [k for k in config_diff(saved, to_dict(self.cfg)) if k not in RESUME_SAFE_KEYS]
+        saved_cfg = config_from_dict(ck.get("config", {}))  # keys added since the run was made: their defaults
+        diff = [k for k in config_diff(to_dict(saved_cfg), to_dict(self.cfg)) if k not in NOT_COMPARED_ON_RESUME]
         if diff:
             raise UserError(f"cannot resume {self.run_dir}: its checkpoint was trained with other values of {', '.join(diff)} (start a new run instead)")
+        why = epochs_refusal(self.run_dir, saved_cfg, self.cfg, ck["epoch"], ck["step_in_epoch"], ck["global_step"], self.steps_per_epoch)
+        if why:
+            raise UserError(why)
+        self.saved_epochs = saved_cfg.train.epochs
         load_weights(self.student, ck["student"], str(path), self.cfg.model.student)
         try:
             self.optimizer.load_state_dict(ck["optimizer"])
@@ -282,6 +287,7 @@ class Trainer:
             self.resume = False
         if self.resume:
             start_epoch, start_step, global_step, metrics_lines, saved_stats = self._restore()
+            check_run_files(self.run_dir, cfg, self.teacher.describe() if self.teacher is not None else {})
         progress = cfg.train.progress and rt.is_main
         fresh_teacher_eval = self.teacher is not None and self.teacher.runs_model and self.teacher_eval is None
         if fresh_teacher_eval:
@@ -305,6 +311,10 @@ class Trainer:
         if rt.is_main:
             write_probe(self.run_dir, self._estimated_checkpoint_bytes())
             atomic_write_text(self.run_dir / "config.yaml", to_yaml(cfg))
+            if self.role == "student":  # where it started and what its files held (wsld.engine.resume)
+                write_run_record(self.run_dir, cfg, self.teacher.describe() if self.teacher is not None else {})
+            if self.resume:
+                set_aside_summary(self.run_dir, self.saved_epochs, cfg.train.epochs, self.say)
         barrier(rt)
         # a fresh run empties metrics.jsonl and TensorBoard; a resumed one drops what came after its checkpoint
         self.metrics = MetricsLog(self.run_dir, rt.is_main, purge_step=global_step + 1 if self.resume else 0, keep_lines=metrics_lines)
@@ -313,6 +323,11 @@ class Trainer:
             f"{self.info.num_classes} classes), loss={cfg.distill.loss}, device={rt.device}, world={rt.world_size}, "
             f"amp={self.amp_dtype}, channels_last={self.channels_last}"
             + (f", teacher: {self.teacher.name}" if self.teacher is not None else "")
+        )
+        self.say(
+            f"batch {self.per_rank_batch} per device x {rt.world_size} = {cfg.data.batch_size} global; "
+            f"lr {self.base_lr:g} (train.lr {cfg.train.lr:g} for a global batch of train.base_batch_size "
+            f"{cfg.train.base_batch_size}, scaled linearly), {self.steps_per_epoch} steps per epoch"
         )
         if not self.resume:
             self.metrics.write({
@@ -406,6 +421,8 @@ class Trainer:
                 self.metrics.write({"kind": "class_weights", "epoch": epoch + 1, "global_step": global_step, "mean_weight": class_w})
             is_last = epoch + 1 == cfg.train.epochs
             names: tuple[str, ...] = ("last.pt",)
+            if cfg.checkpoint.keep_every_epochs and (epoch + 1) % cfg.checkpoint.keep_every_epochs == 0:
+                names = (f"epoch_{epoch + 1}.pt", *names)  # kept: never overwritten by a later epoch
             if (epoch + 1) % cfg.train.eval_every == 0 or is_last:
                 last_eval, last_ema_eval = self._evaluate_all(progress)
                 rec = {"kind": "eval", "epoch": epoch + 1, "global_step": global_step, **last_eval}
@@ -415,7 +432,7 @@ class Trainer:
                 if last_eval["top1"] > self.best_top1:
                     self.best_top1, self.best_epoch = last_eval["top1"], epoch + 1
                     # best.pt before last.pt: a crash in between redoes this epoch and rewrites both
-                    names = ("best.pt", "last.pt")
+                    names = (*names[:-1], "best.pt", "last.pt")
                 self.say(
                     f"{self.role} epoch {epoch + 1}/{cfg.train.epochs}: top-1 {last_eval['top1']:.2f} top-5 {last_eval['top5']:.2f}"
                     + (f" (EMA {last_ema_eval['top1']:.2f})" if last_ema_eval else "")

@@ -13,8 +13,8 @@ def ce(
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Cross-entropy on the labels only (the teacher is ignored, may be None).
 
-    ``soft`` and ``weight_mean`` are logged as 0 so ce runs' logs line up with kd and wsld runs'.
+    ``soft``, ``soft_kl`` and ``weight_mean`` are logged as 0 so ce runs' logs line up with kd and wsld runs'.
     """
     hard = F.cross_entropy(student_logits.float(), target, label_smoothing=label_smoothing)
     zero = hard.new_zeros(())
-    return hard, {"hard": hard.detach(), "soft": zero, "weight_mean": zero}
+    return hard, {"hard": hard.detach(), "soft": zero, "soft_kl": zero, "weight_mean": zero}

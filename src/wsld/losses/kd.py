@@ -23,4 +23,5 @@ def kd(
     kl = F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True)
     soft = (T * T) * kl
     loss = (1.0 - alpha) * hard + alpha * soft
-    return loss, {"hard": hard.detach(), "soft": soft.detach(), "weight_mean": hard.new_ones(())}
+    soft = soft.detach()  # already a KL: soft_kl is the same number, logged so kd and wsld logs line up
+    return loss, {"hard": hard.detach(), "soft": soft, "soft_kl": soft, "weight_mean": hard.new_ones(())}

@@ -1,10 +1,10 @@
 """The loss registry: ``LOSSES`` names each method's ``LossSpec``; ``DistillLoss`` binds one to its hyper-parameters.
 
 A method is a pure function ``(student_logits, teacher_logits, target, **hyper) -> (loss, parts)``.
-It names in its signature which of the shared config values it reads (``T``, ``alpha``,
-``label_smoothing``, from ``distill.*``), its own parameters (``distill.params.*``, declared in its
-spec with default, allowed values and meaning) and, if it needs the training progress, ``epoch``
-(set through ``DistillLoss.set_epoch``). ``parts`` holds detached tensors: the 0-dim ones named in
+It names in its signature which of the shared config values it reads (``T``, ``label_smoothing``,
+from ``distill.*``), its own parameters (``distill.params.<loss>.*``, declared in its spec with
+default, allowed values and meaning; ``alpha`` is one of them, since it means something different
+for each loss) and, if it needs the training progress, ``epoch`` (set through ``DistillLoss.set_epoch``). ``parts`` holds detached tensors: the 0-dim ones named in
 ``LossSpec.parts`` are logged as epoch means; a 1-dim ``sample_weight`` is the per-sample weight.
 Nothing here calls ``.item()``, so a step never waits on the GPU.
 
@@ -30,13 +30,13 @@ from wsld.losses.wsld import wsld
 LossParts = dict[str, Tensor]
 LossFn = Callable[..., tuple[Tensor, LossParts]]
 
-SHARED = ("T", "alpha", "label_smoothing")  # distill.* values a function may name in its signature
+SHARED = ("T", "label_smoothing")  # distill.* values a function may name in its signature
 EPOCH = "epoch"  # a function naming it receives the training progress in (fractional) epochs
 
 
 @dataclass(frozen=True)
 class Param:
-    """One hyper-parameter of a loss (``distill.params.<name>``): a number in a range, or one of a few words."""
+    """One hyper-parameter of a loss (``distill.params.<loss>.<name>``): a number in a range, or one of a few words."""
 
     name: str
     default: Any
@@ -94,6 +94,8 @@ class LossSpec:
     def __post_init__(self) -> None:
         # a spec that disagrees with its function is a programming error: fail at import, not mid-run
         sig = inspect.signature(self.fn).parameters
+        if "alpha" in sig and "alpha" not in {p.name for p in self.params}:
+            raise TypeError(f"loss {self.name}: declare 'alpha' as a Param (its meaning and range are the loss's own)")
         for p in self.params:
             if p.name not in sig or p.name in SHARED or p.name == EPOCH:
                 raise TypeError(f"loss {self.name}: '{p.name}' must be a keyword of {self.fn.__name__} other than {SHARED + (EPOCH,)}")
@@ -102,7 +104,7 @@ class LossSpec:
 
     @property
     def shared(self) -> tuple[str, ...]:
-        """The ``distill.*`` values (T, alpha, label_smoothing) the function reads."""
+        """The ``distill.*`` values (T, label_smoothing) the function reads."""
         sig = inspect.signature(self.fn).parameters
         return tuple(k for k in SHARED if k in sig)
 
@@ -113,8 +115,9 @@ class LossSpec:
     def defaults(self) -> dict[str, Any]:
         return {p.name: p.default for p in self.params}
 
-    def check_params(self, params: Mapping[str, Any], key: str = "distill.params") -> dict[str, Any]:
+    def check_params(self, params: Mapping[str, Any], key: Optional[str] = None) -> dict[str, Any]:
         """The given parameters in canonical types (not filled with defaults); UserError naming the key otherwise."""
+        key = key or f"distill.params.{self.name}"
         by_name = {p.name: p for p in self.params}
         out: dict[str, Any] = {}
         for name, value in params.items():
@@ -132,12 +135,16 @@ class LossSpec:
 LOSSES: dict[str, LossSpec] = {
     s.name: s
     for s in (
-        LossSpec("ce", ce, needs_teacher=False, parts=("hard", "soft", "weight_mean")),
-        LossSpec("kd", kd, needs_teacher=True, parts=("hard", "soft", "weight_mean")),
-        LossSpec("wsld", wsld, needs_teacher=True, parts=("hard", "soft", "weight_mean"), per_sample_weight=True, params=(
+        LossSpec("ce", ce, needs_teacher=False, parts=("hard", "soft", "soft_kl", "weight_mean")),
+        LossSpec("kd", kd, needs_teacher=True, parts=("hard", "soft", "soft_kl", "weight_mean"), params=(
+            Param("alpha", 0.9, "mixing weight: (1 - alpha) * CE + alpha * T^2 * KL", low=0.0, high=1.0),
+        )),
+        LossSpec("wsld", wsld, needs_teacher=True, parts=("hard", "soft", "soft_kl", "weight_mean"), per_sample_weight=True, params=(
+            Param("alpha", 2.5, "weight of the soft term (reference: 2.5 ImageNet, 2.25 CIFAR-100)", low=0.0),
             Param("weighting", "on", "on: the per-sample weight w_i; off: every w_i = 1 (ablation)", choices=("on", "off")),
         )),
         LossSpec("dkd", dkd, needs_teacher=True, parts=("hard", "tckd", "nckd"), params=(
+            Param("alpha", 1.0, "weight of the target-class term TCKD (1 CIFAR-100, 0.5 ImageNet)", low=0.0),
             Param("beta", 8.0, "weight of the non-target term NCKD", low=0.0),
             Param("ce_weight", 1.0, "weight of the cross-entropy term", low=0.0),
             Param("warmup_epochs", 20.0, "epochs over which the TCKD + NCKD term ramps up from 0", low=0.0),
@@ -158,23 +165,31 @@ def get_loss(name: str) -> LossSpec:
 
 
 def loss_param_defaults(name: str) -> dict[str, Any]:
-    """``distill.params`` defaults of loss ``name`` (what an empty ``distill.params`` means)."""
+    """``distill.params.<name>`` defaults of loss ``name`` (what an empty section means)."""
     return get_loss(name).defaults()
 
 
 class DistillLoss(nn.Module):
     """A registered loss with its hyper-parameters bound; ``set_epoch`` feeds losses that follow the training progress."""
 
-    def __init__(self, name: str, T: float = 4.0, alpha: float = 2.25, label_smoothing: float = 0.0, **params: Any):
+    def __init__(self, name: str, T: float = 4.0, alpha: Optional[float] = None, label_smoothing: float = 0.0, **params: Any):
+        """``alpha`` is shorthand for ``params["alpha"]``, ignored by a loss that has none (ce, dist)."""
         super().__init__()
         self.spec = get_loss(name)
         self.name = name
-        self.T, self.alpha, self.label_smoothing = float(T), float(alpha), float(label_smoothing)
+        self.T, self.label_smoothing = float(T), float(label_smoothing)
+        if alpha is not None and "alpha" not in params and any(p.name == "alpha" for p in self.spec.params):
+            params["alpha"] = alpha
         self.params = {**self.spec.defaults(), **self.spec.check_params(params)}
-        shared = {"T": self.T, "alpha": self.alpha, "label_smoothing": self.label_smoothing}
+        shared = {"T": self.T, "label_smoothing": self.label_smoothing}
         self._kwargs = {**{k: shared[k] for k in self.spec.shared}, **self.params}
         self._wants_epoch = self.spec.wants_epoch
         self.epoch = 0.0
+
+    @property
+    def alpha(self) -> Optional[float]:
+        """The loss's own ``alpha`` (None for a loss without one)."""
+        return self.params.get("alpha")
 
     @property
     def needs_teacher(self) -> bool:
@@ -197,6 +212,39 @@ class DistillLoss(nn.Module):
         return f"{self.name}, {bound}" if bound else self.name
 
 
+def resolve_loss_params(loss: str, params: Mapping[str, Any], legacy_alpha: Optional[float] = None) -> dict[str, dict[str, Any]]:
+    """``distill.params`` as one checked section per loss: ``{loss_name: {param: value}}``.
+
+    Each loss reads only its own section, so a config can carry ``wsld: {alpha: 2.5}`` and
+    ``kd: {alpha: 0.9}`` and switching ``distill.loss`` never trips on the other loss's values.
+    Two older spellings still work for the chosen loss: flat keys (``distill.params.weighting=off``)
+    and ``distill.alpha``. Every section is checked against its loss's spec; the chosen loss's
+    section is filled with its defaults, so a run's resolved config records every value it used.
+    """
+    spec = get_loss(loss)
+    sections: dict[str, dict[str, Any]] = {}
+    flat: dict[str, Any] = {}
+    for name, value in dict(params or {}).items():
+        if name in LOSSES:
+            if value is None:
+                value = {}
+            if not isinstance(value, Mapping):
+                raise UserError(f"config key 'distill.params.{name}': must be a mapping of loss {name}'s parameters, got {value!r}")
+            sections[name] = LOSSES[name].check_params(dict(value))
+        else:
+            flat[name] = value
+    mine = {**sections.get(loss, {}), **spec.check_params(flat, key="distill.params")}
+    if legacy_alpha is not None and any(p.name == "alpha" for p in spec.params):
+        alpha = spec.check_params({"alpha": legacy_alpha}, key="distill")["alpha"]
+        if "alpha" in mine and mine["alpha"] != alpha:
+            raise UserError(f"config keys 'distill.alpha' ({legacy_alpha}) and 'distill.params.{loss}.alpha' ({mine['alpha']}) "
+                            f"disagree: distill.alpha is the older spelling, keep one")
+        mine["alpha"] = alpha
+    sections[loss] = {**spec.defaults(), **mine}
+    return sections
+
+
 def build_loss(distill_cfg: Any) -> DistillLoss:
-    """The loss a ``config.DistillConfig`` describes: ``loss``, ``T``, ``alpha``, ``label_smoothing`` and ``params``."""
-    return DistillLoss(distill_cfg.loss, distill_cfg.T, distill_cfg.alpha, distill_cfg.label_smoothing, **dict(distill_cfg.params))
+    """The loss a ``config.DistillConfig`` describes: ``loss``, ``T``, ``label_smoothing`` and its ``params`` section."""
+    sections = resolve_loss_params(distill_cfg.loss, distill_cfg.params, getattr(distill_cfg, "alpha", None))
+    return DistillLoss(distill_cfg.loss, distill_cfg.T, label_smoothing=distill_cfg.label_smoothing, **sections[distill_cfg.loss])

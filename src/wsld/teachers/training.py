@@ -19,7 +19,8 @@ from wsld.runtime import Runtime, barrier
 # train.threads is copied into the teacher's config (both phases of a first run use the same
 # threads, so a first run killed in its student phase resumes bit-identical) but, like the other
 # speed settings, does not change which cached teacher a setup uses
-CACHE_KEY_IGNORED = RESUME_SAFE_KEYS | {"train.threads"}
+# data.batch_size_per_device is always null once read (it became data.batch_size)
+CACHE_KEY_IGNORED = RESUME_SAFE_KEYS | {"train.threads", "data.batch_size_per_device"}
 
 
 def teacher_training_config(cfg: Config) -> Config:
@@ -46,10 +47,17 @@ def teacher_training_config(cfg: Config) -> Config:
     return config_from_dict(d)
 
 
+# The teacher trains with CE, so its distill section is a constant; it is hashed as the versions
+# before per-loss parameters wrote it, so the teachers they cached stay valid.
+_TEACHER_DISTILL = {"loss": "ce", "T": 4.0, "alpha": 2.5, "label_smoothing": 0.0, "params": {}, "soft_labels": None,
+                    "allow_weak_teacher": False}  # fmt: skip
+
+
 def teacher_cache_key(cfg: Config) -> str:
     """Hash of everything that changes the trained teacher: its training config (minus
     resume-safe keys) and its architecture."""
     d = to_dict(teacher_training_config(cfg))
+    d["distill"] = dict(_TEACHER_DISTILL)
     for dotted in CACHE_KEY_IGNORED:
         section, key = dotted.split(".")
         d[section].pop(key, None)
