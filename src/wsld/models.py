@@ -1,11 +1,10 @@
-"""Build teacher and student models by name: built-in CNNs and CIFAR ResNets, torchvision, timm, or the user's own code."""
+"""Build teacher and student models by name: built-in CNNs, the CIFAR benchmark's nets (``cifar_models``), torchvision, timm, or the user's own code."""
 
 from __future__ import annotations
 
 import importlib
 import inspect
 import os
-import re
 import sys
 from pathlib import Path
 from typing import Callable, Optional
@@ -13,6 +12,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from wsld.cifar_models import CIFAR_MODEL_NAMES, cifar_model, crd_name_hint
 from wsld.errors import CheckpointError, UserError
 
 
@@ -73,78 +73,6 @@ class MobileNetV1(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.features(x))
-
-
-class BasicBlock(nn.Module):
-    """Two 3x3 conv-BN layers and a shortcut; where the shape changes the shortcut is a strided 1x1
-    conv + BN (CRD's models, so resnet8x4's 32 -> 64 stem-to-stage step has one too)."""
-
-    def __init__(self, cin: int, cout: int, stride: int):
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.shortcut: nn.Module = nn.Identity()
-        if stride != 1 or cin != cout:
-            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = torch.relu(self.bn1(self.conv1(x)))
-        return torch.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
-
-
-class CifarResNet(nn.Module):
-    """CIFAR ResNet (He et al. 2016, section 4.2): 3x3 stem, three stages of ``(depth - 2) / 6``
-    BasicBlocks at widths 16k/32k/64k (strides 1, 2, 2), global average pool, linear head.
-
-    The stem is ``max(16, 8k)`` wide: 16 for the paper's nets, 32 for CRD's ``resnet8x4`` /
-    ``resnet32x4`` (k = 4), whose parameter counts this reproduces. ``stem_stride=2`` quarters the
-    cost on small inputs (28x28 -> 14x14 before the first stage).
-    """
-
-    def __init__(self, num_classes: int = 10, in_channels: int = 3, depth: int = 20, width: int = 1, stem_stride: int = 1):
-        super().__init__()
-        if depth < 8 or (depth - 2) % 6 or width < 1:
-            raise ValueError(f"CIFAR ResNet needs depth 6n+2 >= 8 and width >= 1, got depth {depth}, width {width}")
-        n, stem = (depth - 2) // 6, max(16, 8 * width)
-        layers: list[nn.Module] = [
-            nn.Conv2d(in_channels, stem, 3, stem_stride, 1, bias=False), nn.BatchNorm2d(stem), nn.ReLU(inplace=True)
-        ]
-        cin = stem
-        for cout, stride in ((16 * width, 1), (32 * width, 2), (64 * width, 2)):
-            for i in range(n):
-                layers.append(BasicBlock(cin, cout, stride if i == 0 else 1))
-                cin = cout
-        self.features = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        self.fc = nn.Linear(cin, num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):  # He et al. 2015 init, as the paper's CIFAR nets
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.features(x))
-
-
-CIFAR_RESNET_PATTERN = re.compile(r"cifar_resnet(\d+)(?:x(\d+))?(_s2)?")
-CIFAR_RESNET_NAMES = "cifar_resnet<depth 6n+2>[x<k>][_s2] (cifar_resnet8/14/20/32/44/56/110, cifar_resnet8x4, cifar_resnet32x4)"
-
-
-def _cifar_resnet_args(name: str, key: str) -> Optional[dict[str, int]]:
-    """CifarResNet's arguments for a ``cifar_resnet...`` name, None for other names; UserError for a bad depth."""
-    m = CIFAR_RESNET_PATTERN.fullmatch(name)
-    if m is None:
-        return None
-    depth, width = int(m[1]), int(m[2] or 1)
-    if depth < 8 or (depth - 2) % 6:
-        near = max(8, (depth - 2) // 6 * 6 + 2)
-        raise UserError(
-            f"config key '{key}': '{name}' has depth {depth}, a CIFAR ResNet's depth is 6n+2 "
-            f"(8, 14, 20, 32, 44, 56, 110, ...): e.g. cifar_resnet{near}"
-        )
-    if width < 1:
-        raise UserError(f"config key '{key}': '{name}' has width x{width}; give x1 or more (cifar_resnet8x4)")
-    return {"depth": depth, "width": width, "stem_stride": 2 if m[3] else 1}
 
 
 LOCAL_MODELS: dict[str, Callable[..., nn.Module]] = {
@@ -242,30 +170,27 @@ def check_model_name(name: str, key: str) -> str:
     """Which family ``name`` belongs to; UserError if none.
 
     In order: ``user`` (``package.module:callable``), ``local`` (the small CNNs for the built-in
-    data, the CIFAR ResNets, MobileNetV1 which torchvision lacks), ``torchvision`` (any
+    data, the CIFAR benchmark's ResNets, WRNs and VGGs, MobileNetV1 which torchvision lacks), ``torchvision`` (any
     classification model), ``timm`` (``timm/<name>`` or a bare timm name, when timm is installed).
     Cheap (no model is built), so a typo stops a run before a teacher is trained or data is read.
     """
     if ":" in name and not name.startswith("timm/"):
         user_model_callable(name, key)
         return "user"
-    if name in LOCAL_MODELS or _cifar_resnet_args(name, key) is not None:
+    if name in LOCAL_MODELS or cifar_model(name, key) is not None:
         return "local"
     if name in _torchvision_names():
         return "torchvision"
     timm = _timm()
     if timm is not None and (name.startswith("timm/") or name in timm.list_models()):
         return "timm"
-    try:
-        crd_name = _cifar_resnet_args(f"cifar_{name}", key) is not None  # CRD's resnet20, resnet8x4, ...
-    except UserError:
-        crd_name = False
-    if crd_name:
-        hint = f"; did you mean cifar_{name}, the CIFAR ResNet?"
+    ours = crd_name_hint(name)  # CRD's resnet20, resnet8x4, wrn_40_2, vgg8, ...
+    if ours is not None:
+        hint = f"; did you mean {ours}, the CIFAR benchmark's net?"
     else:
         hint = "" if timm is not None else " (timm models need: pip install 'wsld[timm]')"
     raise UserError(
-        f"config key '{key}': unknown model '{name}': use one of {', '.join(LOCAL_MODELS)}, {CIFAR_RESNET_NAMES}, "
+        f"config key '{key}': unknown model '{name}': use one of {', '.join(LOCAL_MODELS)}, {CIFAR_MODEL_NAMES}, "
         f"a torchvision classification model name (resnet18, resnet34, ...), a timm model name or your own "
         f"package.module:callable{hint}"
     )
@@ -383,9 +308,9 @@ def build_model(
     if family == "user":
         model = _user_model(name, num_classes, in_channels, key)
     elif family == "local":
-        cifar = _cifar_resnet_args(name, key)
+        cifar = cifar_model(name, key)
         if cifar is not None:
-            model = CifarResNet(num_classes=num_classes, in_channels=in_channels, **cifar)
+            model = cifar[0](num_classes=num_classes, in_channels=in_channels, **cifar[1])
         else:
             model = LOCAL_MODELS[name](num_classes=num_classes, in_channels=in_channels)
     elif family == "torchvision":

@@ -1,4 +1,5 @@
-"""Built-in real data that needs no network: Fashion-MNIST (Debian's package) and scikit-learn's digits."""
+"""Built-in datasets held in memory: Fashion-MNIST (Debian's package), scikit-learn's digits, and
+CIFAR-10/100 from their downloaded files (``wsld.data.cifar``)."""
 
 from __future__ import annotations
 
@@ -118,7 +119,20 @@ def load_digits_split(split: str) -> tuple[Tensor, list[int]]:
     return torch.from_numpy(images[sel]).unsqueeze(1), d.target[sel].astype(np.int64).tolist()
 
 
-# name -> (loader, classes, mean, std, crop padding, horizontal flip is label-preserving)
+def _cifar_loader(name: str) -> Callable[..., tuple[Tensor, list[int], list[str]]]:
+    def load(split: str, data_path: Optional[str] = None) -> tuple[Tensor, list[int], list[str]]:
+        from wsld.data.cifar import load_cifar
+
+        images, targets, classes = load_cifar(name, split, data_path)
+        return torch.from_numpy(images), targets, classes
+
+    return load
+
+
+# name -> (loader, classes, mean, std, crop padding, horizontal flip is label-preserving). A loader
+# returns (images, targets) or, where the files name the classes (CIFAR), (images, targets, classes).
+# CIFAR: the CRD benchmark's augmentation (random 32 crop of the 4-pixel zero-padded image + flip)
+# and the training sets' per-channel statistics (CIFAR-100's as the benchmark's spec gives them).
 BUILTIN_DATASETS: dict[str, dict] = {
     "fashion-mnist": dict(
         load=load_fashion_mnist, classes=FASHION_MNIST_CLASSES, mean=[0.2860], std=[0.3530], pad=2, flip=True
@@ -127,11 +141,21 @@ BUILTIN_DATASETS: dict[str, dict] = {
         load=lambda split, data_path=None: load_digits_split(split),
         classes=[str(i) for i in range(10)], mean=[0.3053], std=[0.3755], pad=1, flip=False,
     ),
+    "cifar10": dict(
+        load=_cifar_loader("cifar10"), classes=None, mean=[0.4914, 0.4822, 0.4465], std=[0.2470, 0.2435, 0.2616],
+        pad=4, flip=True,
+    ),
+    "cifar100": dict(
+        load=_cifar_loader("cifar100"), classes=None, mean=[0.5071, 0.4865, 0.4409], std=[0.2673, 0.2564, 0.2762],
+        pad=4, flip=True,
+    ),
 }
 
 
 def build_builtin(name: str, split: str, data_path: Optional[str], train: bool, augment: bool, hflip: bool):
     spec = BUILTIN_DATASETS[name]
-    images, targets = spec["load"](split, data_path=data_path)
+    loaded = spec["load"](split, data_path=data_path)
+    images, targets = loaded[0], loaded[1]
+    classes = loaded[2] if len(loaded) > 2 else spec["classes"]
     transform = PadCropFlip(spec["pad"], hflip and spec["flip"]) if train and augment else None
-    return TensorImageDataset(images, targets, spec["classes"], transform), spec
+    return TensorImageDataset(images, targets, classes, transform), spec
