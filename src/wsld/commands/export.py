@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from wsld.commands import lazy_choices
+from wsld.commands import one_of
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -19,7 +19,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "safetensors holds weights only: evaluate it with 'wsld eval FILE --config RUN/config.yaml'.",
     )
     p.add_argument("checkpoint", help="a wsld checkpoint (last.pt or best.pt)")
-    p.add_argument("--format", required=True, choices=lazy_choices("wsld.export", "FORMATS"), metavar="FORMAT",
+    p.add_argument("--format", required=True, type=one_of("wsld.export", "FORMATS"), metavar="FORMAT",
                    help="onnx | torchscript | safetensors")
     p.add_argument("--out", metavar="PATH", help="output file (default: beside the checkpoint, e.g. best.onnx)")
     p.add_argument("--ema", action="store_true", help="export the EMA weights stored in the checkpoint")

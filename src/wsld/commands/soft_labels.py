@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from wsld.commands import lazy_choices
+from wsld.commands import one_of
 from wsld.errors import UserError
 
 
@@ -27,7 +27,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--crops", type=int, required=True, metavar="K", help="crops per image (training epoch e replays crop e mod K)")
     p.add_argument("--topk", type=int, default=10, metavar="k",
                    help="teacher classes stored per crop (default 10; = classes with --precision float32: exact logits)")
-    p.add_argument("--precision", choices=lazy_choices("wsld.soft_labels.store", "PRECISIONS"), default="float16",
+    p.add_argument("--precision", type=one_of("wsld.soft_labels.store", "PRECISIONS"), default="float16",
                    metavar="P", help="float16 | float32: of the stored log-probabilities (default float16)")
     p.add_argument("--out", metavar="PATH", help="store folder (default: beside the training data, DATA_PATH/<split>_soft_labels_...)")
     p.add_argument("--batch-size", type=int, metavar="N", help="crops per teacher forward, per process (default data.batch_size)")
