@@ -13,10 +13,18 @@ more. In one process, on one batch of random images, this times, interleaved rou
   equals (a): the ratio between the two is this machine's noise floor);
 - (c) ``wsld`` with the per-step finiteness check off: what the check's host sync costs;
 - (c) ``wsld`` with stored soft labels (``distill.soft_labels``; ``--soft-labels-topk``): no teacher
-  forward, the teacher's logits rebuilt from the batch's stored top-k records.
+  forward, the teacher's logits rebuilt from the batch's stored top-k records;
+- (r) with ``--reference-dir PATH`` (a checkout of the reference, bellymonster/Weighted-Soft-Label-
+  Distillation): the reference's own step, its ``knowledge_distiller.WSLDistiller`` imported from
+  PATH and called as its ``train_with_distillation.py`` loop does (zero_grad, ``d_net(x, y)``,
+  mean, ``loss.item()``, zero_grad, backward, SGD step over the student's parameters), teacher and
+  student in train mode, always fp32 NCHW and uncompiled as the reference runs. Its models are
+  fresh instances of ``--teacher``/``--student`` (torchvision's for the ResNets, random init),
+  on the same batch. Nothing of the reference is in this repository; its files need only torch and
+  numpy (its ``.cuda()`` calls are sent to the CPU on a CPU run), and its loss fixes 1000 classes.
 
-Reported: the waste ratio (c)/((a)+(b)), target <= 1.05, and the distillation overhead (c)/(a),
-each as the ratio of medians and as the median (min-max) of per-round ratios. Timed iterations
+Reported: the waste ratio (c)/((a)+(b)), target <= 1.05, and the distillation overhead (c)/(a);
+with ``--reference-dir``, the reference's waste (r)/((a)+(b)) and (r)/(c) against our wsld step; each as the ratio of medians and as the median (min-max) of per-round ratios. Timed iterations
 follow a warm-up; on CUDA every variant ends with a device synchronisation.
 
 Configurations (``--configs``, comma-separated, each a ``+``-joined set of fp32 | bf16 | cl |
@@ -34,7 +42,12 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import contextlib
+import hashlib
+import importlib
+import math
 import statistics
+import warnings
 import sys
 import time
 from pathlib import Path
@@ -66,6 +79,40 @@ def step_name(loss: str) -> str:
 
 NO_CHECK = "(c) wsld step, finite check off"
 CACHED = "(c) wsld step, stored soft labels (no teacher)"
+REF = "(r) reference step (its WSLDistiller, fp32)"
+REF_FILE = "knowledge_distiller.py"
+
+
+def load_reference(ref_dir: str):
+    """The reference's ``WSLDistiller`` class, imported from its checkout (never part of this repo)."""
+    root = Path(ref_dir).expanduser().resolve()
+    if not (root / REF_FILE).is_file():
+        raise ValueError(f"--reference-dir {ref_dir}: no {REF_FILE} there; give a checkout of bellymonster/Weighted-Soft-Label-Distillation")
+    sys.path.insert(0, str(root))  # its modules import each other by top-level name (imagenet_train_cfg, tools)
+    try:
+        cls = importlib.import_module(REF_FILE.removesuffix(".py")).WSLDistiller
+    except Exception as e:  # a missing dependency or another layout: one line, not its traceback
+        sys.path.remove(str(root))
+        raise ValueError(f"--reference-dir {ref_dir}: importing its {REF_FILE} failed ({type(e).__name__}: {e}); "
+                         "it needs its imagenet_train_cfg.py and tools/ beside it, and torch and numpy") from None  # fmt: skip
+    return cls, hashlib.sha256((root / REF_FILE).read_bytes()).hexdigest()
+
+
+@contextlib.contextmanager
+def reference_calls(dev: torch.device):
+    """What the reference's code needs to run here: its ``.cuda()`` calls (on a 1-element tensor in
+    its loss, on parameter-less modules in its constructor) go to ``dev`` on a CPU run; the
+    warning of its ``nn.LogSoftmax()`` without ``dim`` is silenced, as its train script does."""
+    saved = torch.Tensor.cuda, torch.nn.Module.cuda
+    if dev.type != "cuda":
+        torch.Tensor.cuda = lambda self, *a, **k: self.to(dev)  # type: ignore[method-assign]
+        torch.nn.Module.cuda = lambda self, *a, **k: self.to(dev)  # type: ignore[method-assign]
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Implicit dimension choice")
+            yield
+    finally:
+        torch.Tensor.cuda, torch.nn.Module.cuda = saved  # type: ignore[method-assign]
 
 
 def parse_config(text: str) -> dict:
@@ -150,6 +197,9 @@ def measure_config(args, conf: dict, dev: torch.device) -> dict:
 
         variants[CACHED] = cached_step
 
+    if args.reference:
+        variants[REF] = reference_stepper(args, dev, x, y, skipped)
+
     names = list(variants)
     t_warm = time.perf_counter()
     for _ in range(args.warmup):
@@ -157,7 +207,7 @@ def measure_config(args, conf: dict, dev: torch.device) -> dict:
             variants[n]()
     sync(dev)
     warm_s = time.perf_counter() - t_warm
-    skipped["n"] = 0
+    skipped["n"] = skipped["reference_nonfinite"] = 0
     times: dict[str, list[float]] = {n: [] for n in names}
     for r in range(args.iters):
         order = names[r % len(names) :] + names[: r % len(names)]
@@ -187,11 +237,44 @@ def measure_config(args, conf: dict, dev: torch.device) -> dict:
     if CACHED in times:
         ratios["stored soft labels: (c, stored) / (c) wsld"] = ratio(CACHED, [step_name("wsld")])
         ratios["stored soft labels overhead (c, stored)/(a)"] = ratio(CACHED, [A])
+    if REF in times:
+        ratios["reference waste (r)/((a)+(b))"] = ratio(REF, [A, B])
+        if "wsld" in args.losses:
+            ratios["reference step / our wsld step (r)/(c)"] = ratio(REF, [step_name("wsld")])
     return {
         "config": conf["name"], "amp": "bf16" if conf["amp"] else "off", "channels_last": conf["channels_last"],
         "compile": conf["compile"], "warmup_s": warm_s, "times_ms": {n: stats(v) for n, v in times.items()},
         "ratios": ratios, "skipped_steps": skipped["n"],
+        **({"reference_nonfinite_steps": skipped["reference_nonfinite"]} if REF in times else {}),
     }  # fmt: skip
+
+
+def reference_stepper(args, dev: torch.device, x: torch.Tensor, y: torch.Tensor, skipped: dict) -> Callable[[], None]:
+    """The reference's step on this batch: its distiller wrapping fresh models, its optimiser."""
+    distiller_cls = args.reference[0]
+    torch.manual_seed(0)  # the same random init as ours, in fresh modules (its teacher trains its BN)
+    t_net = build_model(args.teacher, args.classes, role="teacher").to(dev)
+    s_net = build_model(args.student, args.classes, role="student").to(dev)
+    with reference_calls(dev):
+        d_net = distiller_cls(t_net, s_net).to(dev)
+    # its recipe's SGD (momentum 0.9, Nesterov, weight decay 1e-4 on all the student's parameters) at
+    # this run's --lr: its 0.1 would take random data to non-finite losses
+    opt = torch.optim.SGD(list(s_net.parameters()), args.lr, momentum=0.9, weight_decay=1e-4, nesterov=True)
+    d_net.train(), s_net.train(), t_net.train()  # as its train_with_distill() sets them
+    x = x.float().contiguous()
+
+    def run() -> None:  # its loop's step, call for call (minus the data prefetcher and printing)
+        with reference_calls(dev):
+            opt.zero_grad()
+            outputs, loss = d_net(x, y)
+            loss = torch.mean(loss)
+            if not math.isfinite(loss.item()):
+                skipped["reference_nonfinite"] = skipped.get("reference_nonfinite", 0) + 1
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
+    return run
 
 
 def print_config(res: dict, args) -> None:
@@ -201,7 +284,7 @@ def print_config(res: dict, args) -> None:
     print(f"{'ratio':<48}{'of medians':>11}{'of minima':>10}   {'per round: median (min-max)':<28}{'target':>8}")
     for name, r in res["ratios"].items():
         pr = r["per_round"]
-        target = "<= 1.05" if "waste" in name else ""
+        target = "<= 1.05" if "waste" in name and not name.startswith("reference") else ""
         spread = f"{pr['median']:.3f} ({pr['min']:.3f}-{pr['max']:.3f})"
         print(f"{name:<48}{r['of_medians']:>11.3f}{r['of_minimums']:>10.3f}   {spread:<28}{target:>8}")
     print(f"{'variant':<48}{'median ms':>11}{'min ms':>10}{'max ms':>10}{'img/s':>9}")
@@ -209,6 +292,8 @@ def print_config(res: dict, args) -> None:
         print(f"{name:<48}{t['median']:>11.2f}{t['min']:>10.2f}{t['max']:>10.2f}{args.batch_size / t['median'] * 1e3:>9.1f}")
     if res["skipped_steps"]:
         print(f"WARNING: {res['skipped_steps']} timed steps had a non-finite loss and skipped their backward: lower --lr")
+    if res.get("reference_nonfinite_steps"):
+        print(f"WARNING: {res['reference_nonfinite_steps']} timed reference steps had a non-finite loss: lower --lr")
 
 
 def main(argv=None) -> int:
@@ -229,6 +314,9 @@ def main(argv=None) -> int:
                     help="also time wsld with stored top-K soft labels (distill.soft_labels), 0: skip (default: %(default)s)")
     ap.add_argument("--teacher-bn-mode", choices=["eval", "train"], default="eval", help="as model.teacher_bn_mode (default: %(default)s)")
     ap.add_argument("--lr", type=float, default=1e-3, help="SGD learning rate (default: %(default)s; small so random data stays finite)")
+    ap.add_argument("--reference-dir", default=None, metavar="PATH",
+                    help="also time the reference's own step, importing knowledge_distiller.WSLDistiller from this checkout of "
+                         "bellymonster/Weighted-Soft-Label-Distillation (needs --classes 1000, its loss fixes it)")
     ap.add_argument("--cudnn-benchmark", action="store_true", help="set torch.backends.cudnn.benchmark (the engine leaves it off)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     ap.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda if available, else cpu)")
@@ -251,6 +339,14 @@ def main(argv=None) -> int:
         ap.error(str(e))
     if args.iters < 1 or args.warmup < 0:
         ap.error("--iters must be >= 1 and --warmup >= 0")
+    args.reference = None
+    if args.reference_dir:
+        if args.classes != 1000:
+            ap.error(f"--reference-dir needs --classes 1000 (the reference's loss one-hot encodes 1000 classes), not {args.classes}")
+        try:
+            args.reference = load_reference(args.reference_dir)
+        except ValueError as e:
+            ap.error(str(e))
 
     info = machine(dev)
     print(f"{info['device']} ({info['host']}), torch {info['torch']}, {info['torch_threads']} threads, "
@@ -268,6 +364,8 @@ def main(argv=None) -> int:
         "teacher": args.teacher, "student": args.student, "classes": args.classes, "batch_size": args.batch_size,
         "image_size": args.image_size, "iters": args.iters, "warmup": args.warmup, "teacher_bn_mode": args.teacher_bn_mode,
         "cudnn_benchmark": bool(torch.backends.cudnn.benchmark), "device_type": dev.type, "results": results,
+        **({"reference": {"dir": str(Path(args.reference_dir).resolve()), f"{REF_FILE}_sha256": args.reference[1],
+                          "cuda_calls_to_cpu": dev.type != "cuda"}} if args.reference else {}),
     }  # fmt: skip
     if not args.no_save:
         print(f"\nappended to {append_result(args.out, record)}")

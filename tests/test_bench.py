@@ -15,6 +15,29 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 BENCH = REPO / "bench"
 TINY_PAIR = ["--teacher", "cnn_teacher", "--student", "cnn_student", "--classes", "10"]
+# A stand-in for a checkout of the reference (bench/step.py --reference-dir), written by the test: the
+# interface bench/step.py relies on (WSLDistiller(t_net, s_net), forward(x, label) -> (logits, loss)),
+# the reference's .cuda() calls, and checks that the step runs it as the reference's loop does
+FAKE_REFERENCE = """
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class WSLDistiller(nn.Module):
+    def __init__(self, t_net, s_net):
+        super().__init__()
+        self.t_net, self.s_net = t_net, s_net
+        self.softmax = nn.Softmax(dim=1).cuda()
+
+    def forward(self, x, label):
+        assert torch.is_grad_enabled() and self.t_net.training and self.s_net.training
+        assert all(p.requires_grad for p in self.t_net.parameters())  # the teacher's graph is kept
+        fc_t, fc_s = self.t_net(x), self.s_net(x)
+        zero = torch.zeros(1).cuda()  # on a CPU run, step.py sends this to the CPU
+        soft = -(self.softmax(fc_t / 2) * F.log_softmax(fc_s / 2, dim=1)).sum(1, keepdim=True)
+        return fc_s, F.cross_entropy(fc_s, label) + torch.max(soft, zero).mean()
+"""
 
 
 def run(script: str, *args: str, check: bool = True, timeout: int = 120) -> subprocess.CompletedProcess:
@@ -65,10 +88,42 @@ def test_step_then_loss_tables_and_records(tmp_path):
     assert set(vs["fraction_of_step"]) == {"wsld", "kd", "ce"} and vs["fraction_of_step"]["wsld"] > 0
 
 
+def test_step_times_the_reference_step_from_its_dir(tmp_path):
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    (ref / "knowledge_distiller.py").write_text(FAKE_REFERENCE)
+    step_json = tmp_path / "step.json"
+    pair = [*TINY_PAIR[:-1], "1000"]  # the reference's loss fixes 1000 classes
+    out = run("step.py", *pair, "--image-size", "28", "--batch-size", "4", "--iters", "2", "--warmup", "1", "--threads", "1",
+              "--losses", "wsld,ce", "--reference-dir", str(ref), "--out", str(step_json)).stdout  # fmt: skip
+    for row in ("reference waste (r)/((a)+(b))", "reference step / our wsld step (r)/(c)", "(r) reference step"):
+        assert row in out
+    (rec,) = json.loads(step_json.read_text())
+    res = rec["results"][0]
+    assert rec["reference"]["dir"] == str(ref.resolve()) and rec["reference"]["cuda_calls_to_cpu"] is True
+    assert len(rec["reference"]["knowledge_distiller.py_sha256"]) == 64
+    assert len(res["times_ms"]["(r) reference step (its WSLDistiller, fp32)"]["values"]) == 2
+    assert res["reference_nonfinite_steps"] == 0 and res["ratios"]["reference waste (r)/((a)+(b))"]["of_medians"] > 0
+
+
+def test_step_reference_dir_that_does_not_import_is_one_line(tmp_path, capsys):
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    (ref / "knowledge_distiller.py").write_text("from imagenet_train_cfg import cfg\n")
+    out = tmp_path / "r.json"
+    with pytest.raises(SystemExit) as e:
+        load("step.py").main(["--reference-dir", str(ref), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "imagenet_train_cfg" in err and "Traceback" not in err
+    assert not out.exists()
+
+
 @pytest.mark.parametrize(
     "script, args, words",
     [
         ("step.py", ["--configs", "fp32+turbo"], "turbo"),
+        ("step.py", ["--reference-dir", "/nonexistent/wsl"], "no knowledge_distiller.py"),
+        ("step.py", ["--reference-dir", "/nonexistent/wsl", "--classes", "10"], "--classes 1000"),
         ("step.py", ["--losses", "wsld,dkd"], "dkd"),
         ("loss.py", ["--dtypes", "float8"], "float8"),
         ("train_throughput.py", ["--pairs", "resnet18"], "TEACHER:STUDENT"),
