@@ -35,7 +35,7 @@ def _refused(tmp_path: Path, teacher_cache: str, *args: str) -> str:
         (["distill.loss=crd"], ["distill.loss", "crd", "wsld"]),  # not a registered loss
         (["model.student=resnet1800"], ["model.student", "resnet1800"]),
         (["model.teacher=vit_huge_typo"], ["model.teacher", "vit_huge_typo"]),
-        (["data.dataset=cifar100"], ["data.dataset", "cifar100", "digits"]),
+        (["data.dataset=svhn"], ["data.dataset", "svhn", "cifar100", "digits"]),
         (["train.amp=fp16"], ["train.amp", "fp16", "CUDA"]),  # fp16 + GradScaler is CUDA-only
         (["model.teacher_bn_mode=frozen"], ["model.teacher_bn_mode"]),
         (["data.batch_size=5000"], ["data.batch_size", "5000"]),

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -159,6 +160,26 @@ def _explain(err: OmegaConfBaseException) -> str:
     return f"config: {msg}"
 
 
+def _char_at(path: Path, line: int, column: int) -> str:
+    try:
+        text = path.read_text(encoding="utf-8").splitlines()[line]
+    except (OSError, UnicodeDecodeError, IndexError):
+        return ""
+    return text[column] if column < len(text) else ""
+
+
+def _yaml_syntax_error(path: Path, e: yaml.MarkedYAMLError) -> str:
+    """``FILE, line L, column C: what is wrong`` (1-based, as editors count), plus where the open construct began."""
+    mark = e.problem_mark or e.context_mark
+    where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    what = e.problem or e.context or "syntax error"
+    if e.context and e.context_mark is not None and e.problem_mark is not None and e.context_mark.line != e.problem_mark.line:
+        what += f" ({e.context} at line {e.context_mark.line + 1}, column {e.context_mark.column + 1})"
+    if mark is not None and _char_at(path, mark.line, mark.column) == "\t":
+        what += " (a tab: YAML indents with spaces)"
+    return f"config file {path}{where}: YAML syntax error: {what}"
+
+
 def load_config(
     path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), *, base: Optional[dict] = None
 ) -> Config:
@@ -179,7 +200,9 @@ def load_config(
             raise UserError(f"config file not found: {p} (give a YAML file, e.g. configs/fashion_mnist_wsld.yaml)")
         try:
             loaded = OmegaConf.load(p)
-        except Exception as e:  # YAML syntax errors come in several types
+        except yaml.MarkedYAMLError as e:
+            raise UserError(_yaml_syntax_error(p, e)) from None
+        except Exception as e:  # not UTF-8 text, or another PyYAML error without a position
             raise UserError(f"config file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
         if not isinstance(loaded, DictConfig):
             raise UserError(f"config file {p} must hold a mapping of sections (data:, model:, ...)")

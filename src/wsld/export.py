@@ -199,7 +199,7 @@ def export_student(
     if fmt not in FORMATS:
         raise UserError(f"--format must be one of {', '.join(FORMATS)}, got {fmt}")
     checkpoint = Path(checkpoint)
-    if not checkpoint.is_file():
+    if not checkpoint.is_file() and not checkpoint.is_dir():  # a folder gets load_checkpoint's hint
         raise CheckpointError(f"checkpoint not found: {checkpoint}")
     model, state, cfg, ck = load_student(checkpoint, ema)
     out_path = Path(out) if out else checkpoint.with_name(checkpoint.stem + SUFFIX[fmt])

@@ -35,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
     from wsld.runtime import amp_dtype_for, setup_runtime, teardown_runtime, use_channels_last
 
     path = Path(args.checkpoint)
-    if not path.is_file():
+    if not path.is_file() and not path.is_dir():  # a folder gets load_checkpoint's hint
         raise UserError(f"checkpoint not found: {path}")
     where = ""
     if path.suffix == ".safetensors":
