@@ -99,7 +99,7 @@ def make_tree(root: Path) -> Tree:
 
 
 def write_reference_lmdb(root: Path, out: Path, split: str, label_order: list[str]) -> list[str]:
-    """Pack ``root/split`` exactly as the reference tool's LMDB format (SPEC section 3).
+    """Pack ``root/split`` exactly as the reference tool's LMDB format (docs/data.md).
 
     Key = datalist line (ASCII); value = msgpack.packb(jpeg bytes + uint16 LE label, use_bin_type=True);
     ``<split>_datalist`` beside ``out/<split>``. Labels follow ``label_order`` (the reference used an

@@ -61,6 +61,8 @@ def test_safetensors_round_trip_and_eval(run_dir, tmp_path, capsys):
     with safe_open(str(out), "pt") as f:
         meta = f.metadata()
     assert json.loads(meta["arch"]) == "cnn_student" and len(json.loads(meta["classes"])) == 10
+    pre = json.loads(meta["preprocessing"])
+    assert (pre["center_crop"], pre["resize_shorter_side"], pre["mean"]) == (8, None, json.loads(meta["mean"]))
     # weights only: wsld eval needs the run's config and gives the checkpoint's numbers
     assert main(["eval", str(out), "--config", str(run_dir / "config.yaml"), "train.progress=false"]) == 0
     from_export = capsys.readouterr().out
@@ -120,3 +122,13 @@ def test_export_errors(run_dir, tmp_path, capsys):
     assert "not a loadable wsld checkpoint" in capsys.readouterr().err
     assert main(["export", str(run_dir / "last.pt"), "--format", "torchscript", "--ema"]) == 2
     assert "no EMA weights" in capsys.readouterr().err
+
+
+def test_photo_preprocessing_names_resize_crop_and_interpolation():
+    from wsld.config import load_config
+    from wsld.export import preprocessing
+
+    cfg = load_config(None, ["data.format=folder", "data.data_path=/data", "data.image_size=224", "data.val_resize=256"])
+    pre = preprocessing(cfg, 3, {"image_size": 224, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]})
+    assert (pre["resize_shorter_side"], pre["center_crop"], pre["decode"]) == (256, 224, "RGB, uint8")
+    assert pre["interpolation"].startswith("bilinear, antialiased") and pre["scale"] == "1/255"

@@ -1,4 +1,4 @@
-"""dist (DIST) against an independent float64 implementation written from SPEC.md section 6."""
+"""dist (DIST) against an independent float64 implementation written from the paper (docs/method.md)."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""dkd (Decoupled KD) against an independent float64 implementation written from SPEC.md section 6."""
+"""dkd (Decoupled KD) against an independent float64 implementation written from the paper (docs/method.md)."""
 
 import math
 

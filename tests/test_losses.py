@@ -1,4 +1,4 @@
-"""ce, kd and wsld against an independent float64 implementation written from SPEC.md section 1."""
+"""ce, kd and wsld against an independent float64 implementation written from the paper (docs/method.md)."""
 
 import math
 

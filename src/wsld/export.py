@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from wsld.errors import CheckpointError, UserError
+from wsld.files import ordinary_file_mode
 
 FORMATS = ("onnx", "torchscript", "safetensors")
 SUFFIX = {"onnx": ".onnx", "torchscript": ".torchscript.pt", "safetensors": ".safetensors"}
@@ -103,6 +104,19 @@ def sample_batch(cfg, in_channels: int, log: Callable[[str], None]) -> tuple[Ten
                "image_size": int(x.shape[-1]), "mean": info.mean, "std": info.std}  # fmt: skip
 
 
+def preprocessing(cfg, in_channels: int, data_meta: dict[str, Any]) -> dict[str, Any]:
+    """Everything a deployment must do to an image before the model, as evaluation did it."""
+    photos = cfg.data.format != "builtin"
+    return {
+        "decode": ("RGB" if in_channels == 3 else "grayscale") + ", uint8",
+        # photos: Resize(val_resize) on the shorter side, then CenterCrop(image_size); built-ins come at their size
+        "resize_shorter_side": int(cfg.data.val_resize) if photos else None,
+        "center_crop": int(data_meta["image_size"]),
+        "interpolation": "bilinear, antialiased (torch.nn.functional.interpolate antialias=True)" if photos else None,
+        "scale": "1/255", "mean": data_meta["mean"], "std": data_meta["std"], "layout": "NCHW float32",
+    }
+
+
 def _temp_beside(out: Path) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
     os.close(fd)
@@ -112,9 +126,7 @@ def _temp_beside(out: Path) -> Path:
 def _finish(tmp: Path, out: Path) -> None:
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # an ordinary file once renamed, not mkstemp's 0600
+    os.chmod(tmp, ordinary_file_mode())  # an ordinary file once renamed, not mkstemp's 0600
     os.replace(tmp, out)
     fd = os.open(out.parent, os.O_RDONLY)
     try:
@@ -216,6 +228,7 @@ def export_student(
         "format": "wsld-student-1", "arch": ck.get("student_arch", cfg.model.student), "num_classes": int(ref.shape[1]),
         "classes": list(ck.get("classes") or []), "in_channels": int(x.shape[1]), "image_size": data_meta["image_size"],
         "mean": data_meta["mean"], "std": data_meta["std"], "input": "float NCHW, (pixel/255 - mean) / std",
+        "preprocessing": preprocessing(cfg, int(x.shape[1]), data_meta),
         "weights": "ema" if ema else "student", "source": str(checkpoint), "epoch": ck.get("epoch"),
     }  # fmt: skip
     tmp = _temp_beside(out_path)

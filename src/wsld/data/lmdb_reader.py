@@ -13,7 +13,7 @@ wsld format (written by ``wsld data pack``, ``FORMAT_VERSION`` 1), one LMDB per 
 - ``__wsld_complete__`` -> ``msgpack {"count": n}``, written last. Without it the LMDB is an
   interrupted pack, and training refuses it.
 
-Reference tool's format (SPEC section 3): no metadata; keys are the lines of ``<split>_datalist``
+Reference tool's format (its ``dataset/img2lmdb.py``; docs/data.md, LMDB formats): no metadata; keys are the lines of ``<split>_datalist``
 (``classfolder/filename``) beside the LMDB folder, which also give the sample order; values are
 ``msgpack bin(jpeg_bytes + label as uint16 little-endian)``.
 """

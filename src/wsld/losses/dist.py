@@ -1,4 +1,4 @@
-"""``dist``: DIST, distillation from a stronger teacher (Huang et al., NeurIPS 2022), SPEC section 6.
+"""``dist``: DIST, distillation from a stronger teacher (Huang et al., NeurIPS 2022; docs/method.md).
 
 Matches relations rather than probabilities: the Pearson correlation of student and teacher
 probabilities across classes for each sample (inter-class) and across the batch for each class

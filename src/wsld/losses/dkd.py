@@ -1,4 +1,4 @@
-"""``dkd``: Decoupled Knowledge Distillation (Zhao et al., CVPR 2022), SPEC section 6.
+"""``dkd``: Decoupled Knowledge Distillation (Zhao et al., CVPR 2022; docs/method.md).
 
 KD's KL split into a target-class term (TCKD, the binary target / non-target distributions) and a
 non-target term (NCKD, the distribution over the other classes), weighted separately. Float32 maths;
