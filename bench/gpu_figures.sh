@@ -6,8 +6,9 @@
 #   RESULTS_DIR   where every part writes its JSON and log (default: bench/results/gpu-<date>)
 #   --dry-run     the same parts on the CPU with tiny sizes (small models, 32-64 px, a few images; no
 #                 torch.compile part), to check the script end to end without a GPU (a few minutes)
-#   --reference-dir PATH  a checkout of the reference (bellymonster/Weighted-Soft-Label-Distillation):
-#                 the step part also times the reference's own step (bench/step.py --reference-dir)
+#   --reference-dir PATH  a checkout of the reference (bellymonster/Weighted-Soft-Label-Distillation;
+#                 absolute, or relative to the repository root like RESULTS_DIR): the step part also
+#                 times the reference's own step (bench/step.py --reference-dir), 30 s more for it
 # Each part runs under its own timeout; a part that fails or times out is recorded in parts.jsonl and
 # the next one starts. Needs wsld's dependencies importable by $PY (default python3; pip install -e .).
 #
@@ -68,11 +69,13 @@ else
     T_STEP=120 T_LOSS=40 T_DECODE=90 T_E2E=480
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$R/gpu.txt"
 fi
+T_STEP_REF=$T_STEP
+[ ${#REF[@]} -eq 0 ] || T_STEP_REF=$((T_STEP + 30))
 $PY -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'cuda', torch.version.cuda)" | tee -a "$R/gpu.txt"
 
 # shellcheck disable=SC2086  # the option strings are meant to split into words
 {
-part step "$T_STEP" $PY bench/step.py $S --configs fp32,bf16+cl --losses wsld,ce --cudnn-benchmark "${REF[@]}" --out "$R/step.json"
+part step "$T_STEP_REF" $PY bench/step.py $S --configs fp32,bf16+cl --losses wsld,ce --cudnn-benchmark "${REF[@]}" --out "$R/step.json"
 part step_nobench "$T_STEP" $PY bench/step.py $S --configs bf16+cl --losses wsld,ce --no-check-variant --out "$R/step.json"
 part loss "$T_LOSS" $PY bench/loss.py $L --step-json "$R/step.json" --out "$R/loss.json"
 part decode "$T_DECODE" $PY bench/gpu_decode.py $D --out "$R/gpu_decode.json"

@@ -24,7 +24,8 @@ more. In one process, on one batch of random images, this times, interleaved rou
   numpy (its ``.cuda()`` calls are sent to the CPU on a CPU run), and its loss fixes 1000 classes.
 
 Reported: the waste ratio (c)/((a)+(b)), target <= 1.05, and the distillation overhead (c)/(a);
-with ``--reference-dir``, the reference's waste (r)/((a)+(b)) and (r)/(c) against our wsld step; each as the ratio of medians and as the median (min-max) of per-round ratios. Timed iterations
+with ``--reference-dir``, the reference's waste (r)/((a)+(b)) and (r)/(c) against our wsld step;
+each as the ratio of medians and as the median (min-max) of per-round ratios. Timed iterations
 follow a warm-up; on CUDA every variant ends with a device synchronisation.
 
 Configurations (``--configs``, comma-separated, each a ``+``-joined set of fp32 | bf16 | cl |
@@ -37,6 +38,7 @@ Prints a table (ratios first) and appends the results to bench/results/step.json
 Examples:
   python bench/step.py --batch-size 8 --image-size 112 --threads 1   # a small shared CPU: one thread
   python bench/step.py --device cuda --batch-size 256 --configs fp32,bf16+cl,bf16+cl+compile
+  python bench/step.py --batch-size 8 --image-size 112 --threads 1 --reference-dir ../Weighted-Soft-Label-Distillation
 """
 
 from __future__ import annotations
