@@ -1,4 +1,4 @@
-"""Training a teacher with CE when no weights are given, and caching it (one cache entry per teacher setup, locked while it trains)."""
+"""Training a teacher with CE: cached when no weights are given (one entry per teacher setup, locked while it trains), or as its own run (wsld train --teacher-only)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 from wsld.checkpoint import load_checkpoint, save_weights
 from wsld.config import Config, config_from_dict, to_dict
@@ -69,6 +69,30 @@ def teacher_cache_dir(cfg: Config) -> Path:
     return Path(os.path.expanduser(cfg.model.teacher_cache)) / f"{cfg.data.dataset}-{cfg.model.teacher}-{teacher_cache_key(cfg)}"
 
 
+TEACHER_WEIGHTS = "teacher.safetensors"  # beside a teacher run's checkpoints: what model.teacher_weights takes
+
+
+def train_teacher_run(tcfg: Config, run_dir: Path, rt: Runtime, *, resume: bool, weights: Optional[Path] = None) -> dict:
+    """Train (or resume) a teacher with ``tcfg`` (from ``teacher_training_config``) in ``run_dir``,
+    labelled as a teacher throughout, and write its last weights to ``weights``
+    (default ``run_dir/teacher.safetensors``); returns the run's summary."""
+    summary = Trainer(tcfg, run_dir, rt, resume=resume, role="teacher").fit()
+    if rt.is_main:
+        save_weights(load_checkpoint(run_dir / "last.pt")["student"], weights or run_dir / TEACHER_WEIGHTS)
+    barrier(rt)
+    return summary
+
+
+def is_teacher_run(run_dir: Path) -> bool:
+    """Whether ``run_dir`` was started as a teacher run (its first metrics record says so)."""
+    try:
+        with open(run_dir / "metrics.jsonl") as f:
+            first = json.loads(f.readline() or "{}")
+    except (OSError, ValueError):
+        return False
+    return first.get("kind") == "start" and first.get("role") == "teacher"
+
+
 def ensure_teacher(cfg: Config, rt: Runtime, log: Callable[[str], None]) -> str:
     """Path of the teacher's weights: given, or trained once and cached (an interrupted teacher
     run resumes from its own checkpoint next time)."""
@@ -91,11 +115,7 @@ def ensure_teacher(cfg: Config, rt: Runtime, log: Callable[[str], None]) -> str:
         tcfg = teacher_training_config(cfg)
         run = cache / "run"
         log(f"teacher: no model.teacher_weights given, training {cfg.model.teacher} with CE for {tcfg.train.epochs} epochs (cached in {cache})")
-        resume = (run / "last.pt").is_file()
-        Trainer(tcfg, run, rt, resume=resume, role="teacher").fit()
-        if rt.is_main:
-            save_weights(load_checkpoint(run / "last.pt")["student"], weights)
-        barrier(rt)
+        train_teacher_run(tcfg, run, rt, resume=(run / "last.pt").is_file(), weights=weights)
         return str(weights)
     finally:
         lock.release()
