@@ -56,6 +56,16 @@ def one_line(err: BaseException) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
+def continue_hint(run_dir) -> str:
+    """How to go on after a Ctrl-C that the trainer did not catch (a second Ctrl-C, or one outside a training loop)."""
+    if run_dir is None:
+        return ""
+    if (run_dir / "config.yaml").is_file():
+        saved = "from its last checkpoint" if (run_dir / "last.pt").is_file() else "from the start (no checkpoint yet)"
+        return f"; continue {saved} with: wsld train --resume {run_dir}"
+    return f"; nothing was written to {run_dir} yet: run the same command again (a teacher being trained resumes from its cache)"
+
+
 def quiet_thread_errors(args: threading.ExceptHookArgs) -> None:
     """A library's background thread that fails (TensorBoard's event writer on a full disk) says
     so in one line; what matters to the run is reported by the main thread."""
@@ -87,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wsld: error: {one_line(e)}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
-        print("wsld: interrupted", file=sys.stderr)
+        print(f"wsld: interrupted{continue_hint(getattr(args, 'run_dir_in_use', None))}", file=sys.stderr)
         return 130
     except BrokenPipeError:
         devnull = os.open(os.devnull, os.O_WRONLY)
