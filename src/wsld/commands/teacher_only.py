@@ -11,7 +11,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Any, Callable, Optional
 
 from wsld.errors import UserError
 
@@ -22,8 +22,9 @@ def default_teacher_dir(dataset: str, teacher: str) -> Path:
     return default_run_dir(dataset, "teacher", teacher)
 
 
-def run_teacher_only(args: argparse.Namespace, config_path: Optional[str], overrides: list[str]) -> int:
-    from wsld.commands.train import note, resume_config
+def run_teacher_only(args: argparse.Namespace, config_path: Optional[str], overrides: list[str],
+                     resume_config: Callable[[Path, list[str]], Any], note: Callable[[str], None]) -> int:
+    """The --teacher-only run; ``resume_config`` and ``note`` are ``wsld train``'s (the resume rules are the same)."""
     from wsld.config import load_config
     from wsld.engine.resume import absolute_paths
     from wsld.runtime import broadcast_object, setup_runtime, teardown_runtime
