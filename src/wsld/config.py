@@ -46,7 +46,7 @@ class DataConfig:
     train_crop: str = "resized"
     crop_padding: int = 4  # padded: zero pixels added on each side before the random crop
     hflip: bool = True
-    augment: bool = True  # built-in data: random crop of the padded image (Fashion-MNIST 2, digits 1, CIFAR 4) + flip; photos: RandomResizedCrop
+    augment: bool = True  # built-in data: random crop of the padded image (pad: Fashion-MNIST 2, digits 1, CIFAR 4) + flip (not digits); photos: RandomResizedCrop
     color_jitter: float = 0.0  # reference tool's optional ColorJitter(0.4, 0.4, 0.4) -> 0.4
     fast_decode: bool = True  # JPEG DCT-domain downscaling before the crop is resized
     # photos: where JPEGs are decoded and cropped: cpu (loader workers) | gpu (the training device, nvJPEG;
