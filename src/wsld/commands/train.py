@@ -44,54 +44,70 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", metavar="RUN_DIR", help="run directory (default: runs/<timestamp>-<dataset>-<loss>-<student>)")
     p.add_argument(
         "--resume", metavar="RUN_DIR",
-        help="continue the run in RUN_DIR from its last checkpoint (mid-epoch included); overrides may only change "
-        "keys that do not alter the result (data.data_path, data.workers, train.progress, ...)",
+        help="continue the run in RUN_DIR from its last checkpoint (mid-epoch included), from any directory; overrides "
+        "may change where files live (data.data_path, model.teacher_weights: the same weights moved, ...), keys that "
+        "do not alter the result (data.workers, train.progress, ...) and train.epochs (extends constant, step and "
+        "multistep schedules; see docs/engine.md)",
     )  # fmt: skip
     p.add_argument(
         "--baseline", action=argparse.BooleanOptionalAction, default=None,
         help="also train the student alone (CE, same seed and recipe) into RUN_DIR-ce and print both "
         "(default: on for the built-in default run, `wsld train` with no CONFIG or key=value)",
     )  # fmt: skip
+    p.add_argument(
+        "--teacher-only", action="store_true",
+        help="train only the config's teacher (model.teacher, CE with the teacher_train recipe) as a run of its own in "
+        "RUN_DIR, labelled a teacher; its weights go to RUN_DIR/teacher.safetensors for model.teacher_weights",
+    )  # fmt: skip
     p.set_defaults(func=run, extra_args_dest="args")
 
 
 def run(args: argparse.Namespace) -> int:
     from wsld.config import load_config, to_dict
+    from wsld.engine.resume import absolute_paths
+    from wsld.engine.previous_runs import previous_runs_note
     from wsld.engine.rundir import RESUME_SAFE_KEYS, config_diff, default_run_dir
     from wsld.locks import DirLock
     from wsld.run import run_training
+    from wsld.teachers.training import is_teacher_run
 
     config_path, overrides = split_config_and_overrides(args.args)
+    if args.teacher_only or (args.resume and is_teacher_run(Path(args.resume))):
+        from wsld.commands.teacher_only import run_teacher_only
+
+        return run_teacher_only(args, config_path, overrides, resume_config, note)
     if not args.resume and args.out and elastic_restart() and (Path(args.out) / "config.yaml").is_file():
         # torchrun --max-restarts: a restarted job continues its run (same command, no --resume needed)
         args.resume = args.out
     if args.resume or args.out:  # a live run there: say so, whatever else the folder holds
         DirLock(Path(args.resume or args.out)).refuse_if_held(f"run directory {args.resume or args.out}")
     if args.resume:
-        run_dir = Path(args.resume)
+        run_dir = Path(os.path.abspath(args.resume))  # relative to the current directory, as usual
         saved = run_dir / "config.yaml"
         if not saved.is_file():
             raise UserError(f"cannot resume {run_dir}: no config.yaml there (is it a wsld run directory?)")
-        if args.out and Path(args.out) != run_dir:
+        if args.out and Path(os.path.abspath(args.out)) != run_dir:
             raise UserError("give either --resume RUN_DIR or --out RUN_DIR, not two different folders")
-        cfg = load_config(saved, overrides)
+        cfg = resume_config(run_dir, overrides)
         if config_path is not None:
             wanted = load_config(config_path, overrides)
+            absolute_paths(wanted, os.getcwd())
             diff = [k for k in config_diff(to_dict(wanted), to_dict(cfg)) if k not in RESUME_SAFE_KEYS]
             if diff:
                 raise UserError(f"cannot resume {run_dir} with {config_path}: it differs in {', '.join(diff)}")
-        base = load_config(saved)
-        diff = [k for k in config_diff(to_dict(base), to_dict(cfg)) if k not in RESUME_SAFE_KEYS]
-        if diff:
-            raise UserError(f"cannot resume {run_dir} with changed {', '.join(diff)} (start a new run instead)")
         check_baseline_dir(args, cfg, run_dir, config_path, overrides)
+        args.run_dir_in_use = run_dir  # for the Ctrl-C line (wsld.cli)
         summary = run_training(cfg, run_dir, resume=True)
     else:
         cfg = load_config(config_path, overrides)
-        run_dir = Path(args.out) if args.out else default_run_dir(cfg.data.dataset, cfg.distill.loss, cfg.model.student)
+        absolute_paths(cfg, os.getcwd())  # stored absolute: the run resumes from any directory
+        run_dir = Path(os.path.abspath(args.out or default_run_dir(cfg.data.dataset, cfg.distill.loss, cfg.model.student)))
+        if not args.out and (seen := previous_runs_note(cfg, run_dir)):
+            note(seen)
         if (run_dir / "last.pt").exists() or (run_dir / "summary.json").exists():
             raise UserError(f"{run_dir} already holds a run: use --resume {run_dir} to continue it, or another --out")
         check_baseline_dir(args, cfg, run_dir, config_path, overrides)
+        args.run_dir_in_use = run_dir  # for the Ctrl-C line (wsld.cli)
         summary = run_training(cfg, run_dir)
     baseline = None
     if wants_baseline(args, cfg, config_path, overrides):
@@ -99,6 +115,44 @@ def run(args: argparse.Namespace) -> int:
     if int(os.environ.get("RANK", "0")) == 0:
         print_report(summary, baseline)
     return 0
+
+
+def resume_config(run_dir: Path, overrides: list[str]):
+    """The run's saved config with the resume's overrides, paths absolute, refused (UserError) when
+    an override would change the run's maths (``wsld.engine.resume.resume_refusal``).
+
+    Relative paths of a run saved before paths were stored absolute resolve against the run's
+    recorded working directory (``run.json``), else against the current one; a note says which.
+    Overrides typed now resolve against the current directory.
+    """
+    from wsld.config import load_config, to_dict
+    from wsld.engine.resume import MOVABLE_FILE_KEYS, absolute_paths, read_run_record, resume_refusal
+    from wsld.engine.rundir import config_diff
+
+    record = read_run_record(run_dir)
+    started_in = record.get("cwd") if record else None
+    base = load_config(run_dir / "config.yaml")
+    relative = absolute_paths(base, started_in or os.getcwd())
+    if relative:
+        where = (f"the run's working directory {started_in} (run.json)" if started_in
+                 else f"the current directory {os.getcwd()} (the run records no working directory)")  # fmt: skip
+        note(f"{run_dir / 'config.yaml'} holds relative paths ({', '.join(relative)}): resolved against {where}")
+    cfg = load_config(None, overrides, base=to_dict(base))
+    absolute_paths(cfg, os.getcwd())
+    why = resume_refusal(run_dir, base, cfg, record)
+    if why:
+        raise UserError(why)
+    moved = [k for k in config_diff(to_dict(base), to_dict(cfg)) if k in MOVABLE_FILE_KEYS]
+    if moved and record is None:
+        note(f"{run_dir} records no digests of its files (made by an older wsld): {', '.join(moved)} is checked only by loading it")
+    if started_in and started_in not in sys.path and ":" in cfg.model.student + cfg.model.teacher:
+        sys.path.append(started_in)  # package.module:callable models found where the run started
+    return cfg
+
+
+def note(msg: str) -> None:
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"[wsld] note: {msg}", file=sys.stderr, flush=True)
 
 
 def wants_baseline(args: argparse.Namespace, cfg, config_path: Optional[str], overrides: list[str]) -> bool:

@@ -15,10 +15,11 @@ from wsld.files import atomic_write_text
 
 # keys that may differ between a run's saved config and the config of a resumed run: where the
 # data lives, how fast it is read, how often we log or checkpoint, and speed options that do not
-# change what is computed beyond float rounding (docs/engine.md, "Resume")
+# change what is computed beyond float rounding (docs/engine.md, "Resume"; moved weight files and a
+# new train.epochs are checked by wsld.engine.resume)
 RESUME_SAFE_KEYS = {
-    "data.data_path", "data.workers", "data.val_batch_size", "train.progress", "train.log_every",
-    "model.teacher_cache", "model.compile", "model.channels_last", "checkpoint.every_steps",
+    "data.data_path", "data.workers", "data.val_batch_size", "train.progress", "train.log_every", "train.threads",
+    "model.teacher_cache", "model.compile", "model.channels_last", "checkpoint.every_steps", "checkpoint.keep_every_epochs",
 }  # fmt: skip
 
 
@@ -119,8 +120,13 @@ def early_write_probe(run_dir: Path, nbytes: int = 1 << 20) -> None:
 
 
 def default_run_dir(dataset: str, loss: str, student: str) -> Path:
+    """``runs/<timestamp>-<dataset>-<loss>-<student>``, with ``-2``, ``-3``... when that second's folder exists."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    return Path("runs") / f"{stamp}-{dataset}-{loss}-{student}"
+    path = Path("runs") / f"{stamp}-{dataset}-{loss}-{student}"
+    n = 1
+    while path.with_name(path.name + (f"-{n}" if n > 1 else "")).exists():
+        n += 1
+    return path.with_name(path.name + (f"-{n}" if n > 1 else ""))
 
 
 def config_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
