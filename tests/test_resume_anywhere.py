@@ -196,3 +196,19 @@ def test_keep_every_epochs_files_exist_and_evaluate(step_runs):
     assert load_ck(three / "epoch_1.pt")["epoch"] == 1
     rc, out, err = run_cli(["eval", str(three / "epoch_1.pt"), "train.progress=false"])
     assert rc == 0 and "top-1" in out and "epoch 1" in out, err
+
+
+def test_a_users_model_is_found_where_the_run_started(tmp_path):
+    """model.student=package.module:callable is imported from the current directory; resumed from
+    elsewhere, the run's recorded start directory is searched too."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    (a / "anywhere_models.py").write_text("from torch import nn\n\ndef tiny(num_classes):\n"
+                                          "    return nn.Sequential(nn.Flatten(), nn.Linear(64, num_classes))\n")
+    args = [*TINY, "train.epochs=1", "distill.loss=ce", "train.schedule=constant", "model.student=anywhere_models:tiny"]
+    first = subprocess.run([*WSLD, "train", *args, "--out", "run"], cwd=a, env=sub_env(), capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr
+    again = subprocess.run([*WSLD, "train", "--resume", str(a / "run"), "train.epochs=2"], cwd=b, env=sub_env(),
+                           capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert again.returncode == 0, again.stderr
+    assert json.loads((a / "run" / "summary.json").read_text())["epochs"] == 2

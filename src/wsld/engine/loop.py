@@ -25,7 +25,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from wsld.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from wsld.config import Config, config_from_dict, to_dict, to_yaml
+from wsld.config import Config, load_config, to_dict, to_yaml
 from wsld.data import DataInfo
 from wsld.data.build import build_datasets
 from wsld.data.batch import Batch, collate_batch
@@ -225,7 +225,8 @@ class Trainer:
     def _restore(self) -> tuple[int, int, int, int, Optional[dict]]:
         path = self.run_dir / "last.pt"
         ck = load_checkpoint(path)
-        saved_cfg = config_from_dict(ck.get("config", {}))  # keys added since the run was made: their defaults
+        # keys added since the run was made: their defaults; older spellings read as config.yaml's are (validate)
+        saved_cfg = load_config(None, base=ck.get("config", {}))
         diff = [k for k in config_diff(to_dict(saved_cfg), to_dict(self.cfg)) if k not in NOT_COMPARED_ON_RESUME]
         if diff:
             raise UserError(f"cannot resume {self.run_dir}: its checkpoint was trained with other values of {', '.join(diff)} (start a new run instead)")
