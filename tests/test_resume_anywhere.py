@@ -212,3 +212,21 @@ def test_a_users_model_is_found_where_the_run_started(tmp_path):
                            capture_output=True, text=True, timeout=300)  # fmt: skip
     assert again.returncode == 0, again.stderr
     assert json.loads((a / "run" / "summary.json").read_text())["epochs"] == 2
+
+
+def test_a_moved_soft_label_store_may_be_given_another_one_is_refused(digits_teacher, tmp_path):  # noqa: F811
+    args = [*TINY, f"model.teacher_weights={digits_teacher}", "train.epochs=1", "train.schedule=constant"]
+    for name, crops in [("store", "1"), ("other", "2")]:
+        rc, _, err = run_cli(["soft-labels", *args, "--crops", crops, "--precision", "float32", "--out", str(tmp_path / name)])
+        assert rc == 0, err
+    rc, _, err = run_cli(["train", *args, f"distill.soft_labels={tmp_path / 'store'}", "--out", str(tmp_path / "run")])
+    assert rc == 0, err
+    moved = tmp_path / "moved" / "store"
+    moved.parent.mkdir()
+    shutil.copytree(tmp_path / "store", moved)  # a copy, not a rename: this process still holds the first one open
+    shutil.rmtree(tmp_path / "store")
+    rc, _, err = run_cli(["train", "--resume", str(tmp_path / "run"), "train.epochs=2", f"distill.soft_labels={tmp_path / 'other'}"])
+    assert rc == 2 and "distill.soft_labels" in one_error_line(err) and "sha256" in err
+    rc, _, err = run_cli(["train", "--resume", str(tmp_path / "run"), "train.epochs=2", f"distill.soft_labels={moved}"])
+    assert rc == 0, err
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["epochs"] == 2
