@@ -84,9 +84,9 @@ def test_rows_are_the_registered_recipe_and_distil_from_stores(demo):
                 assert getattr(cfg.train, k) == getattr(ce.train, k)  # one recipe for every row
             assert cfg.data == ce.data
         kd, wsld, w1 = (load_config(demo / "configs" / f"{regime}-{k}-s0.yaml") for k in ("kd", "wsld", "wsld_w1"))
-        assert (kd.distill.loss, kd.distill.alpha) == ("kd", 0.9)
-        assert (wsld.distill.loss, wsld.distill.alpha, wsld.distill.params.get("weighting", "on")) == ("wsld", 2.5, "on")
-        assert (w1.distill.loss, w1.distill.alpha, w1.distill.params["weighting"]) == ("wsld", 2.5, "off")
+        assert (kd.distill.loss, kd.distill.params["kd"]) == ("kd", {"alpha": 0.9})
+        assert (wsld.distill.loss, wsld.distill.params["wsld"]) == ("wsld", {"alpha": 2.5, "weighting": "on"})
+        assert (w1.distill.loss, w1.distill.params["wsld"]) == ("wsld", {"alpha": 2.5, "weighting": "off"})
         teacher = load_config(demo / "configs" / f"{regime}-teacher.yaml")
         assert teacher.model.student == TEACHER and teacher.train.lr == 0.1
     log = (demo / "logs" / "balanced-wsld-s0.log").read_text()

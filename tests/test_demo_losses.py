@@ -21,9 +21,10 @@ PRE_REGISTERED_SEARCH = [
     "search-wsld-lr0.05-T2", "search-wsld-lr0.1-T2", "search-wsld-lr0.05-T4", "search-wsld-lr0.1-T4",
     "search-wsld_w1-lr0.05-T2", "search-wsld_w1-lr0.1-T2", "search-wsld_w1-lr0.05-T4", "search-wsld_w1-lr0.1-T4",
 ]  # fmt: skip
-PRE_REGISTERED_DISTILL = {  # distill.{loss, T, alpha, params} of each row's first search run
-    "ce": ("ce", 4.0, 0.9, {}), "kd": ("kd", 4.0, 0.9, {}), "wsld": ("wsld", 2.0, 2.5, {}),
-    "wsld_w1": ("wsld", 2.0, 2.5, {"weighting": "off"}),
+PRE_REGISTERED_DISTILL = {  # distill.{loss, T, alpha, params} of each row's first search run, as resolved
+    "ce": ("ce", 4.0, None, {"ce": {}}), "kd": ("kd", 4.0, None, {"kd": {"alpha": 0.9}}),
+    "wsld": ("wsld", 2.0, None, {"wsld": {"alpha": 2.5, "weighting": "on"}}),
+    "wsld_w1": ("wsld", 2.0, None, {"wsld": {"alpha": 2.5, "weighting": "off"}}),
 }  # fmt: skip
 
 
@@ -67,15 +68,15 @@ def test_dkd_and_dist_rows_have_their_published_values_and_a_search_of_the_same_
     assert [sp.grid for sp in search["dkd"]] == [(0.05, 4.0), (0.1, 4.0), (0.05, 2.0), (0.1, 2.0)]
     assert [sp.grid for sp in search["dist"]] == [(0.05, 1.0), (0.1, 1.0), (0.05, 4.0), (0.1, 4.0)]
     for sp in [*search["dkd"], *(sp for sp in phase2 if sp.row == "dkd")]:
-        loss, _, alpha, params = _distill(sp)
-        assert (loss, alpha) == ("dkd", 1.0)
-        assert params == {"beta": 8.0, "ce_weight": 1.0, "warmup_epochs": pytest.approx(sp.config.train.epochs / 12)}
-    warmups = [sp.config.distill.params["warmup_epochs"] for sp in phase2 if sp.row == "dkd" and sp.seed == 0]
+        loss, _, _, params = _distill(sp)
+        assert loss == "dkd"
+        assert params["dkd"] == {"alpha": 1.0, "beta": 8.0, "ce_weight": 1.0, "warmup_epochs": pytest.approx(sp.config.train.epochs / 12)}
+    warmups = [sp.config.distill.params["dkd"]["warmup_epochs"] for sp in phase2 if sp.row == "dkd" and sp.seed == 0]
     assert warmups == pytest.approx([3 / 12, 6 / 12, 10 / 12])  # balanced, long-tail, small-data: a twelfth of each run
     for sp in [*search["dist"], *(sp for sp in phase2 if sp.row == "dist")]:
-        loss, _, alpha, params = _distill(sp)
-        assert (loss, alpha) == ("dist", 0.9)  # alpha: unused by dist, pinned like CE's
-        assert params == {"beta": 1.0, "gamma": 1.0, "weight": 2.0}
+        loss, _, _, params = _distill(sp)
+        assert loss == "dist"  # no alpha
+        assert params["dist"] == {"beta": 1.0, "gamma": 1.0, "weight": 2.0}
     assert plan.comparisons(s.rows) == (("wsld", "ce"), ("wsld", "dkd"), ("wsld", "dist"))
     assert [sp.name for sp in phase2 if sp.regime == "balanced" and sp.seed == 0] == [
         "balanced-ce-s0", "balanced-wsld-s0", "balanced-dkd-s0", "balanced-dist-s0"]
@@ -121,7 +122,7 @@ def test_tiny_demo_with_dkd_and_dist_reports_their_rows_and_differences(tmp_path
         assert " ".join(re.findall(r"lr 0\.(?:05|1), T (\d+): ", line)) == grid  # the search table, in grid order
     assert "DKD: `CE + min(epoch / warm-up, 1)" in report and "DIST's T is its tau" in report
     dkd = load_config(out / "configs" / "small-data-dkd-s0.yaml")  # a user can rerun it by hand
-    assert (dkd.distill.loss, dkd.distill.params["warmup_epochs"]) == ("dkd", pytest.approx(1 / 12))
+    assert (dkd.distill.loss, dkd.distill.params["dkd"]["warmup_epochs"]) == ("dkd", pytest.approx(1 / 12))
     for run, parts in (("small-data-dkd-s0", ("tckd", "nckd")), ("small-data-dist-s0", ("inter", "intra"))):
         recs = [json.loads(line) for line in (out / "runs" / run / "metrics.jsonl").read_text().splitlines()]
         assert [r for r in recs if r["kind"] == "train" and all(p in r for p in parts)]  # the loss itself ran
