@@ -14,6 +14,7 @@ import glob
 import io
 import os
 import random
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any, Optional
@@ -23,6 +24,7 @@ import torch
 from torch import Tensor
 
 from wsld.errors import CheckpointError
+from wsld.file_kinds import describe_file
 from wsld.files import atomic_write_bytes
 
 FORMAT_NAME = "wsld-checkpoint"
@@ -88,7 +90,10 @@ def damaged_member(path: Path) -> Optional[str]:
         return f"a truncated member ({_first_line(e)})"
 
 
-def _torch_load(p: Path, unreadable: str = "{path} is not a loadable wsld checkpoint ({why})") -> Any:
+EXPECTED = "expected a wsld checkpoint: a run's last.pt, best.pt or epoch_<n>.pt"
+
+
+def _torch_load(p: Path, unreadable: str = "{path} is not a loadable wsld checkpoint: it is {why}; " + EXPECTED) -> Any:
     """``torch.load(weights_only=True)`` after the CRC check, errors as one line."""
     bad = damaged_member(p) if zipfile.is_zipfile(p) else None
     if bad is not None:
@@ -98,9 +103,16 @@ def _torch_load(p: Path, unreadable: str = "{path} is not a loadable wsld checkp
             hint = f"; {best} is intact: evaluate or export it, or copy it over {p.name} to resume from it"
         raise CheckpointError(f"{p} is damaged (CRC mismatch in {bad}): refused{hint}")
     try:
-        return torch.load(p, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about legacy pickles on its way to refusing them
+            warnings.simplefilter("ignore")
+            return torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise CheckpointError(unreadable.format(path=p, why=_first_line(e))) from None
+        kind = describe_file(p)
+        if kind == "a PyTorch file":
+            why = "a PyTorch file holding Python objects that safe loading (weights_only) refuses, e.g. a whole model saved with torch.save(model)"
+        else:
+            why = kind
+        raise CheckpointError(unreadable.format(path=p, why=why)) from None
 
 
 def check_format(obj: dict[str, Any], p: Path) -> None:
@@ -122,11 +134,20 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Load a wsld checkpoint safely (``weights_only=True``: a pickle carrying code is refused),
     its CRCs and format tag checked."""
     p = Path(path)
+    if p.is_dir():
+        inside = [n for n in ("last.pt", "best.pt") if (p / n).is_file()]
+        hint = f" (this one holds {' and '.join(inside)}: e.g. {p / inside[0]})" if inside else ""
+        raise CheckpointError(f"{p} is a folder, not a checkpoint file: give the checkpoint inside a run folder{hint}")
     if not p.is_file():
         raise CheckpointError(f"checkpoint not found: {p}")
+    if p.suffix == ".safetensors" or describe_file(p).startswith("a safetensors"):
+        raise CheckpointError(f"{p} is a safetensors file (weights only), not a wsld checkpoint: {EXPECTED}")
     obj = _torch_load(p)
     if not isinstance(obj, dict) or "student" not in obj:
-        raise CheckpointError(f"{p} is not a wsld checkpoint (no 'student' entry)")
+        raise CheckpointError(
+            f"{p} is a PyTorch file but not a wsld checkpoint (no 'student' entry: a plain state dict or another "
+            f"tool's checkpoint?); {EXPECTED}. Plain weights go in model.student_weights or model.teacher_weights"
+        )
     check_format(obj, p)
     return obj
 
