@@ -47,7 +47,7 @@ def load_student(checkpoint: Path, ema: bool = False) -> tuple[nn.Module, dict[s
     from wsld.models import build_model
 
     if checkpoint.suffix == ".safetensors":
-        raise UserError(f"{checkpoint} holds weights only: export from the run's checkpoint (last.pt or best.pt)")
+        raise UserError(f"{checkpoint} holds weights only: export from the run's checkpoint (last.pt, best.pt or epoch_<n>.pt)")
     ck = load_checkpoint(checkpoint)
     state = student_state(ck, checkpoint, ema=ema)
     cfg = config_from_dict(ck.get("config", {}))

@@ -18,7 +18,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "absolute logit difference to PyTorch is printed (ONNX runs in onnxruntime: pip install 'wsld[onnx]'). "
         "safetensors holds weights only: evaluate it with 'wsld eval FILE --config RUN/config.yaml'.",
     )
-    p.add_argument("checkpoint", help="a wsld checkpoint (last.pt or best.pt)")
+    p.add_argument("checkpoint", help="a wsld checkpoint (a run's last.pt, best.pt or epoch_<n>.pt)")
     p.add_argument("--format", required=True, type=one_of("wsld.export", "FORMATS"), metavar="FORMAT",
                    help="onnx | torchscript | safetensors")
     p.add_argument("--out", metavar="PATH", help="output file (default: beside the checkpoint, e.g. best.onnx)")
