@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from wsld.checkpoint import load_checkpoint, save_weights
-from wsld.config import Config, config_from_dict, to_dict
+from wsld.config import Config, load_config, to_dict
 from wsld.engine.loop import Trainer
 from wsld.engine.rundir import RESUME_SAFE_KEYS
 from wsld.locks import DirLock
@@ -44,7 +44,7 @@ def teacher_training_config(cfg: Config) -> Config:
               "gamma", "grad_clip", "amp", "seed", "deterministic", "nan_policy", "log_every", "progress", "threads"):  # fmt: skip
         d["train"][k] = src["train"][k]
     d["train"].update(epochs=tt.epochs, lr=tt.lr, weight_decay=tt.weight_decay, schedule=tt.schedule, ema_decay=0.0, warmup_epochs=0.0)
-    return config_from_dict(d)
+    return load_config(None, base=d)  # validated like any run's config, so a resume compares like with like
 
 
 # The teacher trains with CE, so its distill section is a constant; it is hashed as the versions
