@@ -14,7 +14,7 @@ def test_teacher_only_then_distil(tmp_path):
     weights = teach / "teacher.safetensors"
     assert weights.is_file()
     assert "wsld result: teacher cnn_teacher trained with CE, 2 epochs" in out
-    assert f"model.teacher_weights={weights}" in out
+    assert f"distil from it: wsld train CONFIG {' '.join(TINY)} model.teacher_weights={weights}" in out  # the same data and models
     assert "teacher epoch 2/2" in err and "student epoch" not in err
     start = json.loads((teach / "metrics.jsonl").read_text().splitlines()[0])
     assert (start["kind"], start["role"], start["student"]) == ("start", "teacher", "cnn_teacher")

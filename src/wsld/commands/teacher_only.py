@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -65,5 +66,7 @@ def run_teacher_only(args: argparse.Namespace, config_path: Optional[str], overr
         print(f"\nwsld result: teacher {summary['student']} trained with CE, {summary['epochs']} epochs, run {run_dir}", file=out)
         print(f"  teacher {summary['student']:<14} top-1 {summary['last_top1']:6.2f}  top-5 {summary['last_top5']:6.2f}  <- last epoch, the weights kept", file=out)
         print(f"  weights: {weights}", file=out)
-        print(f"  distil from it: wsld train {config_path or 'CONFIG'} model.teacher_weights={weights}", file=out)
+        same = [o for o in overrides if not o.startswith("model.teacher_weights=")] if not args.resume else []
+        cmd = " ".join(shlex.quote(x) for x in [config_path or "CONFIG", *same, f"model.teacher_weights={weights}"])
+        print(f"  distil from it: wsld train {cmd}", file=out)
     return 0
