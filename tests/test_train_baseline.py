@@ -44,3 +44,27 @@ def test_a_finished_baseline_is_reused_and_another_run_there_is_refused(tmp_path
     assert main(["train", *args, "--out", str(tmp_path / "run3")]) == 2
     assert "holds another finished run" in capsys.readouterr().err
     assert not (tmp_path / "run3").exists()  # refused before anything was trained
+
+
+def test_a_baseline_killed_after_its_first_checkpoint_resumes(tmp_path):
+    """The baseline's CE config is built in code from the distilled run's; a rerun resumes it from
+    its checkpoint (the checkpoint's config and the rebuilt one compare in one resolved form)."""
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import sys; from pathlib import Path; sys.path.insert(0, sys.argv[1])\n"
+        "from engine_helpers import TINY\n"
+        "from wsld.config import load_config\n"
+        "from wsld.commands.train import train_baseline\n"
+        "cfg = load_config(None, TINY + ['model.teacher_cache=' + sys.argv[2]])\n"
+        "print('top1', train_baseline(cfg, Path(sys.argv[3]))['last_top1'])\n"
+    )
+    argv = [sys.executable, "-c", script, os.path.dirname(__file__), str(tmp_path / "c"), str(tmp_path / "run")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    killed = subprocess.run(argv, env={**env, "WSLD_STOP_AFTER_STEPS": "12"}, capture_output=True, text=True, timeout=300)
+    assert killed.returncode != 0 and (tmp_path / "run-ce" / "last.pt").is_file(), killed.stderr[-2000:]
+    again = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "resuming" in again.stderr and "top1" in again.stdout

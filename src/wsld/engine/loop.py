@@ -77,7 +77,9 @@ class Trainer:
 
     def __init__(self, cfg: Config, run_dir: Path | str, rt: Runtime, *, resume: bool = False, role: str = "student",
                  teacher_factory: Optional[TeacherFactory] = None):  # fmt: skip
-        self.cfg, self.rt, self.role = cfg, rt, role
+        # validated and resolved whoever built it (a programmatic config may hold older spellings, e.g. an
+        # unfilled distill.params section), so config.yaml and a resume's comparison see one form
+        self.cfg, self.rt, self.role = load_config(None, base=to_dict(cfg)), rt, role
         self.run_dir = Path(os.path.abspath(run_dir))  # summary.json and every message name it absolutely
         self.resume = resume
         self.teacher_factory = teacher_factory
