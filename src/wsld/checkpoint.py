@@ -213,3 +213,23 @@ def _tuplify(x):
     if isinstance(x, list):
         return tuple(_tuplify(v) for v in x)
     return x
+
+
+def user_module_of(name: str) -> Optional[str]:
+    """The module a model name ``package.module:callable`` would import, or None for built-in names."""
+    if ":" not in name or name.startswith("timm/"):
+        return None
+    return name.partition(":")[0] or None
+
+
+def refuse_unnamed_import(name: str, source: str | Path, named: bool, allowed: bool) -> None:
+    """A model name taken from a file (a checkpoint, its config) that would import the user's code is
+    imported only when the user named it on the command line (``named``) or opted in (``allowed``):
+    importing runs the module's code before anything else is checked."""
+    module = user_module_of(name)
+    if module is None or named or allowed:
+        return
+    raise CheckpointError(
+        f"{source} names its student '{name}', which would import module '{module}' (running its code): if you trust "
+        f"it, add --allow-import, or name it yourself with model.student={name}"
+    )

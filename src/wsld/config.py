@@ -306,6 +306,50 @@ def _check_numbers(cfg: Config) -> None:
     for key, v in [("data.mean", d.mean), ("data.std", d.std)]:
         _require(key, v, v is None or len(v) in (1, 3), "1 or 3 values")
     _require("data.std", d.std, d.std is None or all(x > 0 for x in d.std), "> 0 (it divides the pixels)")
+    _check_upper_bounds(cfg)
+
+
+# Upper bounds: past them a value breaks something later (a float32 overflow, a tensor too large to
+# allocate, a process per worker), so it stops here instead, with the bound (README, config keys).
+MAX_LR = 1e4  # train.lr, teacher_train.lr (scaled by batch_size / base_batch_size: float32 holds it)
+MAX_WEIGHT_DECAY = 1e4
+MAX_BATCH = 2**20  # data.batch_size, val_batch_size, batch_size_per_device, train.base_batch_size
+MAX_EPOCHS = 10**6
+MAX_IMAGE_SIZE = 4096  # data.image_size (a 4096 x 4096 RGB crop is 48 MiB); data.val_resize: 2x that
+MAX_WORKERS = 256  # data.workers (processes per training process) and train.threads
+MAX_TEMPERATURE = 1e4
+MIN_TEMPERATURE = 1e-2  # logits / T must stay finite in float16/bfloat16
+MAX_LONG_TAIL_RATIO = 1e6
+MAX_NORM_VALUE = 1e4  # |data.mean|, data.std (and std >= 1 / MAX_NORM_VALUE): pixels are in [0, 1]
+
+
+def _check_upper_bounds(cfg: Config) -> None:
+    d, t, tt = cfg.data, cfg.train, cfg.teacher_train
+    for key, v, top in [
+        ("train.lr", t.lr, MAX_LR), ("teacher_train.lr", tt.lr, MAX_LR),
+        ("train.weight_decay", t.weight_decay, MAX_WEIGHT_DECAY),
+        ("teacher_train.weight_decay", tt.weight_decay, MAX_WEIGHT_DECAY),
+        ("data.batch_size", d.batch_size, MAX_BATCH), ("data.val_batch_size", d.val_batch_size, MAX_BATCH),
+        ("data.batch_size_per_device", d.batch_size_per_device, MAX_BATCH),
+        ("train.base_batch_size", t.base_batch_size, MAX_BATCH),
+        ("train.epochs", t.epochs, MAX_EPOCHS), ("teacher_train.epochs", tt.epochs, MAX_EPOCHS),
+        ("train.warmup_epochs", t.warmup_epochs, MAX_EPOCHS), ("train.step_size", t.step_size, MAX_EPOCHS),
+        ("train.eval_every", t.eval_every, MAX_EPOCHS),
+        ("data.image_size", d.image_size, MAX_IMAGE_SIZE), ("data.val_resize", d.val_resize, 2 * MAX_IMAGE_SIZE),
+        ("data.crop_padding", d.crop_padding, d.image_size),
+        ("data.workers", d.workers, MAX_WORKERS), ("train.threads", t.threads, MAX_WORKERS),
+        ("data.color_jitter", d.color_jitter, 1.0), ("train.gamma", t.gamma, 100.0),
+        ("distill.T", cfg.distill.T, MAX_TEMPERATURE), ("data.long_tail_ratio", d.long_tail_ratio, MAX_LONG_TAIL_RATIO),
+    ]:  # fmt: skip
+        if v is not None:
+            _require(key, v, v <= top, f"at most {top:g}" if isinstance(top, float) else f"at most {top}")
+    _require("distill.T", cfg.distill.T, cfg.distill.T >= MIN_TEMPERATURE, f"at least {MIN_TEMPERATURE:g}")
+    _require("train.milestones", t.milestones, all(m <= MAX_EPOCHS for m in t.milestones), f"epochs <= {MAX_EPOCHS}")
+    if d.mean is not None:
+        _require("data.mean", d.mean, all(abs(x) <= MAX_NORM_VALUE for x in d.mean), f"values within +-{MAX_NORM_VALUE:g}")
+    if d.std is not None:
+        _require("data.std", d.std, all(1 / MAX_NORM_VALUE <= x <= MAX_NORM_VALUE for x in d.std),
+                 f"values in [{1 / MAX_NORM_VALUE:g}, {MAX_NORM_VALUE:g}]")
 
 
 def _resolve_batch(d: DataConfig) -> None:
@@ -313,7 +357,7 @@ def _resolve_batch(d: DataConfig) -> None:
     if d.batch_size_per_device is None:
         return
     per, world = d.batch_size_per_device, int(os.environ.get("WORLD_SIZE") or 1)
-    _require("data.batch_size_per_device", per, isinstance(per, int) and per >= 1, ">= 1")
+    _require("data.batch_size_per_device", per, isinstance(per, int) and 1 <= per <= MAX_BATCH, f"in [1, {MAX_BATCH}]")
     if d.batch_size not in (DataConfig.batch_size, per * world):
         raise UserError(f"config keys 'data.batch_size' ({d.batch_size}, global) and 'data.batch_size_per_device' "
                         f"({per} x {world} processes = {per * world}) disagree: give one of the two")

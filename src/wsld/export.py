@@ -3,7 +3,7 @@
 Every format holds the student alone, in eval mode, taking float images normalised with the
 training mean/std (N, C, H, W) and returning logits (N, classes); the mean, std, class names and
 input size travel as metadata (ONNX ``metadata_props``, a ``wsld.json`` extra file in TorchScript,
-the safetensors header). Before a file gets its final name it is loaded back and run on a batch
+the safetensors header). The file is built in memory, loaded back from there and run on a batch
 of validation images (Gaussian noise when the data is not on this machine), and its logits are
 compared with the PyTorch model's; the max absolute difference is printed, and an export that
 disagrees is not written. ONNX is exported with ``torch.onnx.export(dynamo=True)`` (a dynamic
@@ -16,8 +16,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
-import tempfile
+import shutil
 import warnings
 from pathlib import Path
 from typing import Any, Callable
@@ -27,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from wsld.errors import CheckpointError, UserError
-from wsld.files import ordinary_file_mode
+from wsld.files import atomic_write_bytes
 
 FORMATS = ("onnx", "torchscript", "safetensors")
 SUFFIX = {"onnx": ".onnx", "torchscript": ".torchscript.pt", "safetensors": ".safetensors"}
@@ -40,9 +39,10 @@ def _pip_hint() -> str:
     return "pip install 'wsld[onnx]' (onnx, onnxscript, onnxruntime)"
 
 
-def load_student(checkpoint: Path, ema: bool = False) -> tuple[nn.Module, dict[str, Tensor], Any, dict]:
-    """``(model in eval mode, state dict, config, checkpoint)`` of a wsld checkpoint's student."""
-    from wsld.checkpoint import load_checkpoint, student_state
+def load_student(checkpoint: Path, ema: bool = False, allow_import: bool = False) -> tuple[nn.Module, dict[str, Tensor], Any, dict]:
+    """``(model in eval mode, state dict, config, checkpoint)`` of a wsld checkpoint's student; a
+    student of the user's own code (``package.module:callable``) is imported only with ``allow_import``."""
+    from wsld.checkpoint import load_checkpoint, refuse_unnamed_import, student_state
     from wsld.config import config_from_dict
     from wsld.models import build_model
 
@@ -52,6 +52,7 @@ def load_student(checkpoint: Path, ema: bool = False) -> tuple[nn.Module, dict[s
     state = student_state(ck, checkpoint, ema=ema)
     cfg = config_from_dict(ck.get("config", {}))
     arch = ck.get("student_arch", cfg.model.student)
+    refuse_unnamed_import(str(arch), checkpoint, False, allow_import)
     num_classes = int(ck.get("num_classes") or 0)
     in_channels = _in_channels(state)
     try:
@@ -117,22 +118,20 @@ def preprocessing(cfg, in_channels: int, data_meta: dict[str, Any]) -> dict[str,
     }
 
 
-def _temp_beside(out: Path) -> Path:
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    return Path(tmp)
-
-
-def _finish(tmp: Path, out: Path) -> None:
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.chmod(tmp, ordinary_file_mode())  # an ordinary file once renamed, not mkstemp's 0600
-    os.replace(tmp, out)
-    fd = os.open(out.parent, os.O_RDONLY)
+def write_out(data: bytes, out: Path) -> None:
+    """``data`` to ``out`` through a temp file beside it (fsync, rename); a full disk is one line and
+    leaves no temp file. The export is built in memory first, so the exporters never meet the disk."""
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        free = shutil.disk_usage(out.parent).free
+    except OSError:
+        free = None
+    if free is not None and free < len(data):
+        raise UserError(f"cannot write {out}: the export needs {len(data) / 2**20:.1f} MiB and {out.parent} has "
+                        f"{free / 2**20:.1f} MiB free: make room or give another --out")
+    try:
+        atomic_write_bytes(out, data)
+    except OSError as e:
+        raise UserError(f"cannot write {out}: {e.strerror or e} (nothing was written): make room or give another --out") from None
 
 
 def _max_diff(a: np.ndarray | Tensor, b: Tensor) -> float:
@@ -142,16 +141,15 @@ def _max_diff(a: np.ndarray | Tensor, b: Tensor) -> float:
     return float((a - b).abs().max())
 
 
-def _write_safetensors(model: nn.Module, state: dict[str, Tensor], meta: dict, tmp: Path, x: Tensor, ref: Tensor) -> float:
-    from safetensors.torch import load_file, save_file
+def _write_safetensors(model: nn.Module, state: dict[str, Tensor], meta: dict, x: Tensor, ref: Tensor) -> tuple[bytes, float]:
+    from safetensors.torch import load, save
 
-    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp),
-              metadata={k: json.dumps(v) for k, v in meta.items()})  # fmt: skip
-    back = load_file(str(tmp))
+    data = save({k: v.detach().cpu().contiguous() for k, v in state.items()},
+                metadata={k: json.dumps(v) for k, v in meta.items()})  # fmt: skip
     fresh = _fresh_copy(model)
-    fresh.load_state_dict(back)
+    fresh.load_state_dict(load(data))
     with torch.no_grad():
-        return _max_diff(fresh.eval()(x), ref)
+        return data, _max_diff(fresh.eval()(x), ref)
 
 
 def _fresh_copy(model: nn.Module) -> nn.Module:
@@ -165,17 +163,18 @@ def _fresh_copy(model: nn.Module) -> nn.Module:
     return fresh
 
 
-def _write_torchscript(model: nn.Module, meta: dict, tmp: Path, x: Tensor, ref: Tensor) -> float:
+def _write_torchscript(model: nn.Module, meta: dict, x: Tensor, ref: Tensor) -> tuple[bytes, float]:
+    buf = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated upstream but still loads everywhere
         traced = torch.jit.trace(model, x[:2], check_trace=False)
-        torch.jit.save(traced, str(tmp), _extra_files={"wsld.json": json.dumps(meta)})
-        back = torch.jit.load(str(tmp), map_location="cpu")
+        torch.jit.save(traced, buf, _extra_files={"wsld.json": json.dumps(meta)})
+        back = torch.jit.load(io.BytesIO(buf.getvalue()), map_location="cpu")
     with torch.no_grad():
-        return _max_diff(back(x), ref)
+        return buf.getvalue(), _max_diff(back(x), ref)
 
 
-def _write_onnx(model: nn.Module, meta: dict, tmp: Path, x: Tensor, ref: Tensor) -> float:
+def _write_onnx(model: nn.Module, meta: dict, x: Tensor, ref: Tensor) -> tuple[bytes, float]:
     try:
         import onnx
         import onnxruntime as ort
@@ -186,26 +185,26 @@ def _write_onnx(model: nn.Module, meta: dict, tmp: Path, x: Tensor, ref: Tensor)
     try:
         with contextlib.redirect_stdout(quiet), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            torch.onnx.export(
-                model, (x[:2],), str(tmp), input_names=["images"], output_names=["logits"],
-                dynamic_shapes=({0: torch.export.Dim("batch")},), dynamo=True, external_data=False, verbose=False,
+            program = torch.onnx.export(
+                model, (x[:2],), None, input_names=["images"], output_names=["logits"],
+                dynamic_shapes=({0: torch.export.Dim("batch")},), dynamo=True, verbose=False,
             )  # fmt: skip
+            proto = program.model_proto
     except Exception as e:  # noqa: BLE001 - exporter failures come in many types
         raise UserError(f"ONNX export of this model failed: {str(e).strip().splitlines()[0][:300]}") from None
-    proto = onnx.load(str(tmp))
     for k, v in meta.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = k, json.dumps(v)
-    onnx.save(proto, str(tmp))
-    onnx.checker.check_model(str(tmp))
-    session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
+    data = proto.SerializeToString()
+    onnx.checker.check_model(onnx.load_from_string(data))
+    session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
     out = session.run(["logits"], {"images": x.numpy()})[0]
-    return _max_diff(out, ref)
+    return data, _max_diff(out, ref)
 
 
 def export_student(
     checkpoint: str | Path, fmt: str, out: str | Path | None = None, ema: bool = False,
-    log: Callable[[str], None] = lambda m: None,
+    log: Callable[[str], None] = lambda m: None, allow_import: bool = False,
 ) -> dict[str, Any]:
     """Write the student of ``checkpoint`` as ``fmt``; returns what was written and the check's result."""
     if fmt not in FORMATS:
@@ -213,7 +212,7 @@ def export_student(
     checkpoint = Path(checkpoint)
     if not checkpoint.is_file() and not checkpoint.is_dir():  # a folder gets load_checkpoint's hint
         raise CheckpointError(f"checkpoint not found: {checkpoint}")
-    model, state, cfg, ck = load_student(checkpoint, ema)
+    model, state, cfg, ck = load_student(checkpoint, ema, allow_import)
     out_path = Path(out) if out else checkpoint.with_name(checkpoint.stem + SUFFIX[fmt])
     if out_path.resolve() == checkpoint.resolve():
         raise UserError(f"--out {out_path} is the checkpoint itself: choose another file name")
@@ -231,21 +230,16 @@ def export_student(
         "preprocessing": preprocessing(cfg, int(x.shape[1]), data_meta),
         "weights": "ema" if ema else "student", "source": str(checkpoint), "epoch": ck.get("epoch"),
     }  # fmt: skip
-    tmp = _temp_beside(out_path)
-    try:
-        if fmt == "safetensors":
-            diff = _write_safetensors(model, state, meta, tmp, x, ref)
-        elif fmt == "torchscript":
-            diff = _write_torchscript(model, meta, tmp, x, ref)
-        else:
-            diff = _write_onnx(model, meta, tmp, x, ref)
-        limit = TOLERANCE * max(1.0, float(ref.abs().max()))
-        if not diff <= limit:
-            raise UserError(f"the {fmt} export's logits differ from PyTorch's by {diff:.3g} (> {limit:.3g}): not written")
-        _finish(tmp, out_path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    if fmt == "safetensors":
+        data, diff = _write_safetensors(model, state, meta, x, ref)
+    elif fmt == "torchscript":
+        data, diff = _write_torchscript(model, meta, x, ref)
+    else:
+        data, diff = _write_onnx(model, meta, x, ref)
+    limit = TOLERANCE * max(1.0, float(ref.abs().max()))
+    if not diff <= limit:
+        raise UserError(f"the {fmt} export's logits differ from PyTorch's by {diff:.3g} (> {limit:.3g}): not written")
+    write_out(data, out_path)
     return {
         "path": str(out_path), "format": fmt, "bytes": out_path.stat().st_size, "max_abs_diff": diff,
         "check_input": data_meta["check_input"], "arch": meta["arch"], "num_classes": meta["num_classes"],

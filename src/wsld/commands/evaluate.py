@@ -19,11 +19,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     p.add_argument("--config", help="YAML config describing data and model (default: the checkpoint's own)")
     p.add_argument("--ema", action="store_true", help="evaluate the EMA weights stored in the checkpoint")
+    p.add_argument("--allow-import", action="store_true",
+                   help="import the module that the checkpoint (or its config) names for its student "
+                   "(package.module:callable), running its code; without it such a name is refused unless given as "
+                   "model.student=... on this command line")
     p.set_defaults(func=run, extra_args_dest="overrides")
 
 
 def run(args: argparse.Namespace) -> int:
-    from wsld.checkpoint import load_checkpoint, read_weights, student_state
+    from wsld.checkpoint import load_checkpoint, read_weights, refuse_unnamed_import, student_state
     from wsld.config import load_config
     from wsld.data.build import build_datasets
     from wsld.data.sampling import ResumableSampler
@@ -54,6 +58,9 @@ def run(args: argparse.Namespace) -> int:
         else:
             cfg = load_config(None, args.overrides, base=ck.get("config"))
         where = f", epoch {ck.get('epoch')}" + (f" step {ck['step_in_epoch']}" if ck.get("step_in_epoch") else "")
+    named = any(o.partition("=")[0].strip() == "model.student" for o in args.overrides)
+    source = args.config or (cfg_path if path.suffix == ".safetensors" else path)
+    refuse_unnamed_import(cfg.model.student, source, named, args.allow_import)
     check_model_name(cfg.model.student, "model.student")
     rt = setup_runtime()
     _, val, info = build_datasets(cfg.data, seed=cfg.train.seed)

@@ -23,6 +23,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="onnx | torchscript | safetensors")
     p.add_argument("--out", metavar="PATH", help="output file (default: beside the checkpoint, e.g. best.onnx)")
     p.add_argument("--ema", action="store_true", help="export the EMA weights stored in the checkpoint")
+    p.add_argument("--allow-import", action="store_true",
+                   help="import the module that the checkpoint names for its student (package.module:callable), "
+                   "running its code; without it such a checkpoint is refused")
     p.set_defaults(func=run)
 
 
@@ -31,7 +34,8 @@ def run(args: argparse.Namespace) -> int:
 
     from wsld.export import export_student
 
-    r = export_student(args.checkpoint, args.format, args.out, args.ema, log=lambda m: print(f"[wsld] {m}", file=sys.stderr))
+    r = export_student(args.checkpoint, args.format, args.out, args.ema, log=lambda m: print(f"[wsld] {m}", file=sys.stderr),
+                       allow_import=args.allow_import)
     print(
         f"exported {r['arch']} ({r['num_classes']} classes, input {'x'.join(map(str, r['input_shape']))}) as {r['format']} "
         f"to {r['path']} ({r['bytes'] / 2**20:.2f} MiB)\n  check on {r['check_input']}: max |logit difference| vs PyTorch "

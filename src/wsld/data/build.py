@@ -72,6 +72,10 @@ def build_datasets(cfg, seed: int = 0) -> tuple[Dataset, Dataset, DataInfo]:
         train = SubsetWithTargets(train, long_tail_indices(train.targets, num_classes, cfg.long_tail_ratio, seed=0))
     mean = list(cfg.mean) if cfg.mean is not None else list(mean)
     std = list(cfg.std) if cfg.std is not None else list(std)
-    if len(mean) == 1 and in_channels == 3:
-        mean, std = mean * 3, std * 3
+    for key, values in (("data.mean", mean), ("data.std", std)):
+        if len(values) not in (1, in_channels):
+            want = "1 value" if in_channels == 1 else f"{in_channels} values (or 1 for all)"
+            raise DataError(f"config key '{key}': {len(values)} values, but {cfg.dataset} images have {in_channels} "
+                            f"channel{'s' if in_channels > 1 else ''}: give {want}")
+    mean, std = (mean * in_channels if len(mean) == 1 else mean), (std * in_channels if len(std) == 1 else std)
     return train, val, DataInfo(num_classes, in_channels, classes, mean, std, size)

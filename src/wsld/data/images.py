@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import os
+import zlib
 from typing import NamedTuple, Optional
 
 import numpy as np
@@ -200,7 +201,33 @@ def check_image(data: bytes, name: str = "") -> ImageCheck:
         to_rgb(load_pixels(img))
     except ImageDecodeError as e:
         return ImageCheck(str(e), notes, size, fmt)
+    if fmt == "PNG":  # decoders skip the chunk checksums: a flipped byte would decode to other pixels
+        error = png_checksum_error(data)
+        if error:
+            return ImageCheck(error, notes, size, fmt)
     return ImageCheck(None, notes, size, fmt)
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def png_checksum_error(data: bytes) -> str | None:
+    """The first PNG chunk whose CRC-32 does not match its bytes (a damaged file), or None."""
+    if not data.startswith(_PNG_SIGNATURE):
+        return None
+    pos, view = len(_PNG_SIGNATURE), memoryview(data)
+    while pos + 12 <= len(data):
+        length = int.from_bytes(view[pos : pos + 4], "big")
+        end = pos + 8 + length
+        if end + 4 > len(data):
+            return f"corrupt data: PNG chunk at byte {pos} runs past the end of the file"
+        kind = bytes(view[pos + 4 : pos + 8])
+        if zlib.crc32(view[pos + 4 : end]) != int.from_bytes(view[end : end + 4], "big"):
+            return f"corrupt data: PNG chunk {kind.decode('latin-1')!r} at byte {pos} fails its CRC-32 (a damaged file)"
+        if kind == b"IEND":
+            break
+        pos = end + 4
+    return None
 
 
 def _mode_name(mode: str) -> str:

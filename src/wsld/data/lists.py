@@ -11,9 +11,11 @@ List file format (UTF-8, one image per line, written by ``wsld data list``)::
     # root: .
     n01440764/n01440764_10026.JPEG<TAB>0
 
-Leading lines starting with ``# `` are a header; ``# root:`` gives the dataset root relative to
-the list's folder (``.`` when the list sits in the root), and images live in ``root/<split>/``.
-Readers also accept a space before the label. Paths are ``/``-separated, relative, and may hold
+Leading lines starting with ``# `` and holding no TAB are a header; ``# root:`` gives the dataset
+root relative to the list's folder (``.`` when the list sits in the root), and images live in
+``root/<split>/``. Image lines always hold a TAB, so a class or file named ``# notes`` or
+``# root: x`` is an image line, never a comment. Readers also accept a space before the label
+(hand-written lists; such a line must not start with ``# ``, or it reads as a comment). Paths are ``/``-separated, relative, and may hold
 spaces or any Unicode character except control characters (TAB, LF, CR...): names holding one are
 refused when listing, and lines holding one when reading, since they would name another image.
 Listing also refuses symlinks leading outside the dataset root and image names that are not
@@ -266,6 +268,10 @@ def write_lists(root: str | Path, out: str | Path | None = None, splits: Optiona
     except OSError as e:
         raise DataError(f"cannot create {out_dir}: {e.strerror or e}") from None
     rel_root = os.path.relpath(root.resolve(), out_dir.resolve())
+    char = control_character(rel_root)
+    if char:
+        raise DataError(f"the path from {out_dir} to the dataset root {root} holds a control character ({char}), which "
+                        "a list's '# root:' line cannot hold; write the lists elsewhere (--out) or rename the folder")
     classes = next(iter(lists.values())).classes
     _atomic_write(out_dir / CLASSES_FILE, (f"{c}\n" for c in classes))
     for split, lst in lists.items():
@@ -343,7 +349,7 @@ def read_list(list_path: str | Path, classes_path: str | Path | None = None, spl
         in_header = True
         for lineno, raw in enumerate(f, 1):
             line = _line_text(raw)
-            if in_header and line.startswith("# "):
+            if in_header and line.startswith("# ") and "\t" not in line:  # an image line always holds a TAB
                 if line.startswith(_ROOT_PREFIX):
                     root = list_path.parent / line[len(_ROOT_PREFIX):]
                 continue

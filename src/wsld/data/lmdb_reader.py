@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 import re
 import threading
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -31,6 +32,7 @@ import lmdb
 import msgpack
 import numpy as np
 
+from wsld.data.lmdb_files import check_data_file, damaged, reading
 from wsld.data.strtable import StringTable
 from wsld.errors import DataError
 
@@ -41,6 +43,8 @@ PROGRESS_KEY = b"__wsld_progress__"
 COMPLETE_KEY = b"__wsld_complete__"
 DATALIST_SUFFIX = "_datalist"
 REPACK_HINT = "re-run 'wsld data pack' with the same arguments to finish it"
+# what to do about a damaged data LMDB
+DAMAGED_HINT = "see what is still readable with 'wsld data verify', then copy it again or re-pack it ('wsld data pack --overwrite')"
 
 
 def record_key(i: int) -> bytes:
@@ -52,8 +56,15 @@ def record_key(i: int) -> bytes:
 NAME_ERRORS = "surrogateescape"
 
 
+def record_crc(path: str, label: int, data: bytes) -> int:
+    """CRC-32 of a record's path, label and image bytes (zlib's, gigabytes per second: free beside a decode)."""
+    head = f"{path}\t{int(label)}\n".encode("utf-8", NAME_ERRORS)
+    return zlib.crc32(data, zlib.crc32(head))
+
+
 def encode_record(path: str, label: int, data: bytes) -> bytes:
-    return msgpack.packb({"path": path, "label": int(label), "data": data}, use_bin_type=True, unicode_errors=NAME_ERRORS)
+    rec = {"path": path, "label": int(label), "data": data, "crc32": record_crc(path, label, data)}
+    return msgpack.packb(rec, use_bin_type=True, unicode_errors=NAME_ERRORS)
 
 
 class RecordError(Exception):
@@ -64,9 +75,12 @@ def decode_record(value) -> tuple[str, int, bytes]:
     """``(path, label, image bytes)`` of a wsld record."""
     try:
         rec = msgpack.unpackb(value, raw=False, unicode_errors=NAME_ERRORS)
-        return rec["path"], int(rec["label"]), rec["data"]
+        path, label, data, crc = rec["path"], int(rec["label"]), rec["data"], rec.get("crc32")
     except Exception as e:  # noqa: BLE001 - any malformed value
         raise RecordError(f"malformed record ({type(e).__name__}: {e})") from None
+    if crc is not None and crc != record_crc(path, label, data):  # packs from before wsld 0.x carry none
+        raise RecordError("checksum mismatch: the record's bytes changed after packing (a damaged disk or copy)")
+    return path, label, data
 
 
 def decode_reference_value(value) -> tuple[bytes, int]:
@@ -84,21 +98,23 @@ def is_lmdb_dir(path: str | Path) -> bool:
     return (Path(path) / "data.mdb").is_file()
 
 
-def open_readonly(path: str | Path) -> lmdb.Environment:
+def open_readonly(path: str | Path, remedy: str = DAMAGED_HINT) -> lmdb.Environment:
     """A new read-only environment with the settings for training: no lock-file writes, no readahead
-    (random access), no meminit. Prefer ``shared_env``: LMDB allows one open per path per process."""
+    (random access), no meminit. Prefer ``shared_env``: LMDB allows one open per path per process.
+    ``data.mdb`` is checked against its recorded size first (a truncated file would be a SIGBUS)."""
+    check_data_file(path, remedy)
     try:
         return lmdb.open(str(path), readonly=True, lock=False, readahead=False, meminit=False, subdir=True,
                          max_readers=2048)
     except lmdb.Error as e:
-        raise DataError(f"cannot open LMDB {path}: {e}") from None
+        raise damaged(path, e, remedy) from None
 
 
 _ENVS: dict[str, tuple[int, lmdb.Environment]] = {}
 _ENVS_LOCK = threading.Lock()
 
 
-def shared_env(path: str | Path) -> lmdb.Environment:
+def shared_env(path: str | Path, remedy: str = DAMAGED_HINT) -> lmdb.Environment:
     """This process's read-only environment for ``path``, opened on first use.
 
     Keyed by pid: a DataLoader worker (forked or spawned) opens its own on first use instead of
@@ -118,7 +134,7 @@ def shared_env(path: str | Path) -> lmdb.Environment:
                     pass
                 entry = None
             if entry is None:
-                entry = (pid, open_readonly(path))
+                entry = (pid, open_readonly(path, remedy))
                 _ENVS[key] = entry
     return entry[1]
 
@@ -190,11 +206,12 @@ def open_lmdb_index(path: str | Path, *, require_complete: bool = True, referenc
     if not is_lmdb_dir(path):
         raise DataError(f"{path} is not an LMDB folder (no data.mdb in it)")
     env = shared_env(path)
-    with env.begin() as txn:
-        meta = read_meta(txn)
-        if meta is not None:
-            return _wsld_index(path, txn, meta, require_complete)
-    return _reference_index(path, env, reference_labels)
+    with reading(path, DAMAGED_HINT):
+        with env.begin() as txn:
+            meta = read_meta(txn)
+            if meta is not None:
+                return _wsld_index(path, txn, meta, require_complete)
+        return _reference_index(path, env, reference_labels)
 
 
 def _wsld_index(path: Path, txn, meta: dict, require_complete: bool) -> LmdbIndex:
@@ -298,7 +315,7 @@ def folder_order_mismatch(index: LmdbIndex) -> tuple[int, list[tuple[str, int, i
     first = np.unique(index.labels, return_index=True)[1]
     sizes = np.bincount(index.labels, minlength=len(index.classes))
     differ, n = [], 0
-    with shared_env(index.path).begin(buffers=True) as txn:
+    with reading(index.path, DAMAGED_HINT), shared_env(index.path).begin(buffers=True) as txn:
         for i in first.tolist():
             v = txn.get(index.key(i))
             if v is None or len(v) < 3:
@@ -365,14 +382,20 @@ class LmdbReader:
         return shared_env(self.index.path)
 
     def read(self, i: int) -> tuple[bytes, Optional[str], Optional[int]]:
-        """``(image bytes, stored path or None, stored label)``; raises RecordError for a bad record."""
+        """``(image bytes, stored path or None, stored label)``; raises RecordError for a bad record:
+        missing, malformed, failing its checksum, or (wsld format) carrying another label than the
+        metadata's list gives sample ``i`` (records moved between classes must not train under
+        the wrong label). A damaged LMDB page is a DataError naming the file."""
         key = self.index.key(i)
-        with self._environment().begin(buffers=True) as txn:
+        with reading(self.index.path, DAMAGED_HINT), self._environment().begin(buffers=True) as txn:
             value = txn.get(key)
             if value is None:
                 raise RecordError(f"key {key.decode('utf-8', 'replace')!r} missing from the LMDB")
             if self.index.kind == "wsld":
                 p, y, data = decode_record(value)
+                if y != int(self.index.labels[i]):
+                    raise RecordError(f"record label {y} disagrees with the metadata label {int(self.index.labels[i])} "
+                                      "(records moved between classes?)")
                 return data, p, y
             data, y = decode_reference_value(value)
             return data, None, y

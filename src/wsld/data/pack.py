@@ -30,6 +30,7 @@ from wsld.data.files import read_image_file, real_root
 from wsld.data.lists import LIST_SUFFIX, ImageList, find_classes, present_splits, read_list, scan_split, split_of_list
 from wsld.data.lmdb_reader import (
     COMPLETE_KEY,
+    DAMAGED_HINT,
     NAME_ERRORS,
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -41,8 +42,10 @@ from wsld.data.lmdb_reader import (
     record_key,
     release_env,
 )
+from wsld.data.lmdb_files import check_data_file, damaged, first_line, no_space, reading
 from wsld.data.parallel import ordered_map
 from wsld.errors import DataError
+from wsld.out_folder import LOCK_NAME, take_folder
 
 INITIAL_MAP_SIZE = 256 << 20
 COMMIT_BYTES = 16 << 20  # 64 MiB measured 170 MiB peak RSS, 16 MiB 78 MiB, at the same speed
@@ -86,10 +89,20 @@ def resize_shorter_side(data: bytes, short: int, quality: int) -> tuple[bytes, b
 
 
 def _open_for_write(path: Path, map_size: int) -> lmdb.Environment:
+    if (path / "data.mdb").is_file():
+        check_data_file(path, DAMAGED_HINT)  # a truncated file would be a SIGBUS once mapped
     try:
         return lmdb.open(str(path), map_size=map_size, subdir=True, readahead=False, meminit=False, max_dbs=0)
     except lmdb.Error as e:
-        raise DataError(f"cannot open LMDB {path} for writing: {e}") from None
+        if no_space(e, path):
+            raise DataError(f"cannot create LMDB {path}: the disk is full ({first_line(e)})") from None
+        raise damaged(path, e, DAMAGED_HINT) from None
+
+
+def _write_failed(path: Path, e: BaseException, written: int) -> DataError:
+    why = "the disk is full" if no_space(e, path) else "a write failed"
+    return DataError(f"cannot write LMDB {path}: {why} ({first_line(e)}); make room, then run the same command again: "
+                     f"the {written} images written so far are kept and the pack resumes there")
 
 
 def _remove_lmdb(path: Path) -> None:
@@ -105,10 +118,8 @@ def _prepare_output(path: Path, split: str, checksum: str, overwrite: bool, log)
     a complete pack, a foreign LMDB or damaged metadata is refused with the way out. Nothing is
     touched before the decision, so a refused pack leaves the folder as it was.
     """
-    if path.exists() and not path.is_dir():
-        raise DataError(f"--out {path} exists and is not a folder")
     if path.is_dir():
-        others = sorted(n for n in os.listdir(path) if n not in _LMDB_FILES)
+        others = sorted(n for n in os.listdir(path) if n not in _LMDB_FILES and n != LOCK_NAME)
         if others:
             raise DataError(f"--out {path} holds other files ({', '.join(others[:3])}); give an empty or new folder")
     if not is_lmdb_dir(path):
@@ -116,7 +127,7 @@ def _prepare_output(path: Path, split: str, checksum: str, overwrite: bool, log)
     release_env(path)  # a read-only handle from this process (LMDB allows one per path)
     env = _open_for_write(path, INITIAL_MAP_SIZE)
     try:
-        with env.begin() as txn:
+        with reading(path, DAMAGED_HINT), env.begin() as txn:
             try:
                 meta, damaged = read_meta(txn), False
             except DataError:
@@ -178,8 +189,17 @@ def pack_lmdb(
         raise DataError(f"--resize-short must be >= 1, got {resize_short}")
     if not 1 <= quality <= 100:
         raise DataError(f"--quality must be in 1..100, got {quality}")
-    lst = _image_list(root, split, list_file)
     out_path = Path(os.path.expanduser(str(out))) if out else default_output(root, split, resize_short)
+    with take_folder(out_path, "LMDB"):  # before anything there is looked at: a second pack is refused at once
+        return _pack(root, split, out_path, list_file, workers, resize_short, quality, overwrite, progress, log,
+                     commit_bytes, commit_items, _on_commit)
+
+
+def _pack(root: Path, split: str, out_path: Path, list_file, workers: int, resize_short: Optional[int], quality: int,
+          overwrite: bool, progress: bool, log: Callable[[str], None], commit_bytes: int, commit_items: int,
+          _on_commit: Callable[[int], None] | None) -> PackResult:
+    """``pack_lmdb`` once ``out_path`` is locked."""
+    lst = _image_list(root, split, list_file)
     options = {"resize_short": resize_short, "quality": quality if resize_short else None}
     checksum = hashlib.sha256((lst.checksum() + repr(sorted(options.items()))).encode()).hexdigest()
     state, done = _prepare_output(out_path, lst.split, checksum, overwrite, log)
@@ -187,10 +207,6 @@ def pack_lmdb(
     if state == "complete":
         log(f"{out_path} is already a complete pack of these {n} images (use --overwrite to pack again)")
         return PackResult(out_path, n, 0, n, 0.0, 0, already_complete=True)
-    try:
-        out_path.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise DataError(f"cannot create {out_path}: {e.strerror or e}") from None
     start = done if state == "resume" else 0
     if start:
         log(f"{out_path}: resuming an interrupted pack at image {start} of {n}")
@@ -213,6 +229,8 @@ def pack_lmdb(
                 return
             except lmdb.MapFullError:  # the aborted transaction is retried in a larger map
                 env.set_mapsize(env.info()["map_size"] * 2)
+            except lmdb.Error as e:  # a full disk: the transaction is dropped whole
+                raise _write_failed(out_path, e, written) from None
 
     boundary = real_root(lst.split_dir.parent)
 
@@ -271,7 +289,10 @@ def pack_lmdb(
             bar.update(len(chunk))
         stats["bytes"] += chunk_bytes
         written = n
-        env.sync(True)
+        try:
+            env.sync(True)
+        except lmdb.Error as e:
+            raise _write_failed(out_path, e, written) from None
     except KeyboardInterrupt:
         log(f"\ninterrupted: {written} of {n} images are safely written; run the same command again to resume")
         raise

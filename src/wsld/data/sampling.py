@@ -84,7 +84,7 @@ class ResumableSampler(Sampler):
 
     def _indices(self) -> list[int]:
         if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) & ((1 << 64) - 1))  # any int64 seed
             order = torch.randperm(self.num_samples, generator=g).tolist()
         else:
             order = list(range(self.num_samples))

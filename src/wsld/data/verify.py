@@ -17,12 +17,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional
 
+import lmdb
 import numpy as np
 
 from wsld.data.files import read_image_file, real_root
 from wsld.data.images import check_image
 from wsld.data.lists import ImageList, LIST_SUFFIX, subdirs, present_splits, read_list, scan_dataset, scan_split
 from wsld.data.lmdb_reader import (
+    DAMAGED_HINT,
     PROGRESS_KEY,
     LmdbIndex,
     RecordError,
@@ -33,6 +35,7 @@ from wsld.data.lmdb_reader import (
     open_lmdb_index,
     shared_env,
 )
+from wsld.data.lmdb_files import SOFT_LABEL_STORE_KEY, first_line, reading
 from wsld.data.parallel import ordered_map
 from wsld.errors import DataError
 
@@ -135,12 +138,23 @@ def verify_image_list(lst: ImageList, title: str, workers: int, progress: bool, 
     return _fill_counts(report, *_run(report, items, len(lst), workers, progress, emit))
 
 
+def _get(txn, key: bytes):
+    """A record's value, or a RecordError for a damaged page under it."""
+    try:
+        return txn.get(key)
+    except lmdb.Error as e:
+        return RecordError(f"damaged LMDB page ({first_line(e)})")
+
+
 def _wsld_lmdb_items(index: LmdbIndex, n_written: int) -> Iterator[_Item]:
     env = shared_env(index.path)
     with env.begin() as txn:
         for i in range(n_written):
             label = int(index.labels[i])
-            value = txn.get(index.key(i))
+            value = _get(txn, index.key(i))
+            if isinstance(value, RecordError):
+                yield f"[{i}]", label, value
+                continue
             if value is None:
                 yield f"[{i}]", label, RecordError("record missing from the LMDB")
                 continue
@@ -161,7 +175,10 @@ def _reference_items(index: LmdbIndex, stored: np.ndarray) -> Iterator[_Item]:
         for i in range(len(index)):
             key = index.key(i)
             name = key.decode("utf-8", "surrogateescape")
-            value = txn.get(key)
+            value = _get(txn, key)
+            if isinstance(value, RecordError):
+                yield name, -1, value
+                continue
             if value is None:
                 yield name, -1, RecordError("key from the datalist is missing from the LMDB")
                 continue
@@ -172,6 +189,12 @@ def _reference_items(index: LmdbIndex, stored: np.ndarray) -> Iterator[_Item]:
                 continue
             stored[i] = label
             yield name, label, data
+
+
+def is_soft_label_store(path: Path) -> bool:
+    """Whether the LMDB at ``path`` is a soft-label store (``wsld soft-labels``) rather than packed images."""
+    with reading(path, DAMAGED_HINT), shared_env(path).begin() as txn:
+        return txn.get(SOFT_LABEL_STORE_KEY) is not None
 
 
 def verify_lmdb(path: Path, workers: int, progress: bool, emit) -> VerifyReport:
@@ -280,13 +303,25 @@ def verify_path(path: str | Path, *, workers: int = 4, progress: bool = True, co
         lst = read_list(path)
         done(verify_image_list(lst, f"{path.name}", workers, progress, emit))
     elif is_lmdb_dir(path):
+        if is_soft_label_store(path):
+            raise DataError(f"{path} is a wsld soft-label store, not images: its records are checked (CRC-32) as "
+                            "training reads them; verify the data it was made from")
         done(verify_lmdb(path, workers, progress, emit))
     else:
         lmdbs = [path / d for d in subdirs(path) if is_lmdb_dir(path / d)]
         splits = [s for s in present_splits(path) if not is_lmdb_dir(path / s)]
         if lmdbs and not splits:
             for p in lmdbs:
-                done(verify_lmdb(p, workers, progress, emit))
+                try:
+                    if is_soft_label_store(p):
+                        emit(f"NOTE  {p}: a wsld soft-label store, not images: skipped")
+                        continue
+                    done(verify_lmdb(p, workers, progress, emit))
+                except DataError as e:  # one damaged LMDB does not hide the state of the others
+                    report = _new_report(f"{p.name} ({p})", [])
+                    report.fatal.append(str(e))
+                    emit(f"ERROR {p}: {e}")
+                    done(report)
         elif splits:
             lists = scan_dataset(path, splits)
             for split, lst in lists.items():

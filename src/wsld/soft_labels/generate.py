@@ -14,13 +14,15 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Dataset
 
+from wsld.data.lmdb_files import first_line, no_space, reading
 from wsld.data.sampling import sample_seed
+from wsld.out_folder import LOCK_NAME, TakenFolder, take_folder
 from wsld.errors import DataError, UserError
 from wsld.runtime import Runtime, amp_dtype_for, autocast, broadcast_object, seed_everything, set_cpu_threads, use_channels_last
 from wsld.soft_labels.crops import CropRecorder, is_sample
 from wsld.soft_labels.store import (
-    COMPLETE_KEY, FINISH_HINT, FORMAT, FORMAT_VERSION, IDENTITY_KEYS, META_KEY, PRECISIONS, crop_data_config, image_count,
-    image_key, read_meta, record_dtype, records_from_logits, state_sha256, targets_sha256,
+    COMPLETE_KEY, FINISH_HINT, FORMAT, FORMAT_VERSION, IDENTITY_KEYS, META_KEY, PRECISIONS, REMAKE_HINT, crop_data_config, encode_value,
+    image_count, image_key, read_meta, record_dtype, records_from_logits, state_sha256, targets_sha256,
 )  # fmt: skip
 
 T = TypeVar("T")
@@ -84,11 +86,16 @@ def on_main(rt: Runtime, fn: Callable[[], T]) -> T:
 
 
 def default_store_path(cfg, crops: int, topk: int) -> Path:
+    """``<dataset root>/soft_labels/<split>_<teacher>_K<crops>_top<k>``: the dataset root is
+    ``data.data_path`` for folder and list data, and the folder above it for LMDBs (``ROOT/lmdb``
+    holds packed splits only, so that ``wsld data verify ROOT/lmdb`` checks each of them)."""
     if cfg.data.format == "builtin":
         raise UserError("give --out PATH: built-in datasets have no data folder to put the soft labels beside")
-    root = Path(os.path.expanduser(str(cfg.data.data_path)))
-    teacher = cfg.model.teacher.replace("/", "_")
-    return root / f"{cfg.data.train_split}_soft_labels_{teacher}_K{crops}_top{topk}"
+    root = Path(os.path.abspath(os.path.expanduser(str(cfg.data.data_path))))
+    if cfg.data.format == "lmdb":
+        root = root.parent
+    teacher = cfg.model.teacher.replace("/", "_").replace(":", "_")
+    return root / "soft_labels" / f"{cfg.data.train_split}_{teacher}_K{crops}_top{topk}"
 
 
 def check_arguments(cfg, crops: int, topk: int, precision: str) -> None:
@@ -105,25 +112,33 @@ def check_arguments(cfg, crops: int, topk: int, precision: str) -> None:
         )
 
 
+def check_folder(out: Path) -> None:
+    """A store folder holds the LMDB's two files (and the lock) only."""
+    others = sorted(n for n in os.listdir(out) if n not in ("data.mdb", "lock.mdb", LOCK_NAME))
+    if others and not (out / "data.mdb").is_file():
+        raise UserError(f"--out {out} is a folder that holds other files ({', '.join(others[:3])}): give a new or empty folder")
+
+
 def open_store(out: Path, meta: dict, est_bytes: int):
-    """The LMDB at ``out`` opened for writing, its metadata written or checked against ``meta``,
-    and the indices already stored."""
+    """The LMDB at ``out`` (locked by the caller) opened for writing, its metadata written or checked
+    against ``meta``, and the indices already stored."""
     import lmdb
 
+    from wsld.data.lmdb_files import check_data_file, damaged
     from wsld.data.lmdb_reader import release_env
 
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file: give a folder path for the LMDB store")
-    if out.is_dir() and any(out.iterdir()) and not (out / "data.mdb").is_file():
-        raise UserError(f"--out {out} is a folder that holds other files: give a new or empty folder")
-    out.mkdir(parents=True, exist_ok=True)
+    check_folder(out)
     release_env(out)  # a read-only handle of this process would block the writer
+    if (out / "data.mdb").is_file():
+        check_data_file(out, REMAKE_HINT)  # a truncated file would be a SIGBUS once mapped
     try:
         env = lmdb.open(str(out), map_size=est_bytes + (64 << 20), subdir=True, readahead=False, meminit=False)
     except lmdb.Error as e:
-        raise UserError(f"cannot open {out} as an LMDB for writing: {e}") from None
+        if no_space(e, out):
+            raise DataError(f"cannot create the soft-label store {out}: the disk is full ({first_line(e)})") from None
+        raise damaged(out, e, REMAKE_HINT) from None
     try:
-        old, _ = read_meta(env)
+        old, _ = read_meta(env, out)
         if old is None and env.stat()["entries"] > 0:
             raise UserError(f"--out {out} is an LMDB but not a soft-label store: choose another folder")
         if old is not None:
@@ -131,9 +146,8 @@ def open_store(out: Path, meta: dict, est_bytes: int):
             if diff:
                 raise UserError(f"{out} holds soft labels made with other {', '.join(diff)}: remove it or choose another --out")
         else:
-            with env.begin(write=True) as txn:
-                txn.put(META_KEY, json.dumps(meta).encode())
-        with env.begin() as txn:
+            write_values(env, {}, out, {META_KEY: json.dumps(meta).encode()})
+        with reading(out, REMAKE_HINT), env.begin() as txn:
             have = {struct.unpack(">Q", k)[0] for k in txn.cursor().iternext(keys=True, values=False) if len(k) == 8}
     except BaseException:
         env.close()
@@ -141,8 +155,9 @@ def open_store(out: Path, meta: dict, est_bytes: int):
     return env, have
 
 
-def write_values(env, values: dict[int, bytes]) -> None:
-    """One committed transaction (grown until the map holds it)."""
+def write_values(env, values: dict[int, bytes], out: Path, extra: Optional[dict[bytes, bytes]] = None) -> None:
+    """One committed transaction (grown until the map holds it). A full disk is a DataError: the
+    transaction is dropped whole, so the same command resumes once there is room."""
     import lmdb
 
     while True:
@@ -150,21 +165,36 @@ def write_values(env, values: dict[int, bytes]) -> None:
             with env.begin(write=True) as txn:
                 for i, v in values.items():
                     txn.put(image_key(i), v)
+                for k, v in (extra or {}).items():
+                    txn.put(k, v)
             return
         except lmdb.MapFullError:
             env.set_mapsize(env.info()["map_size"] * 2)
+        except lmdb.Error as e:
+            raise write_error(out, e) from None
+
+
+def write_error(out: Path, e: BaseException) -> DataError:
+    why = "the disk is full" if no_space(e, out) else "a write failed"
+    return DataError(f"cannot write the soft-label store {out}: {why} ({first_line(e)}); make room, then {FINISH_HINT} "
+                     "(what is written is kept)")
 
 
 def finish_store(env, out: Path, count: int) -> int:
     """Write the completion key once every image is stored; returns the number of unreadable images."""
-    entries = image_count(env)
+    import lmdb
+
+    entries = image_count(env, out)
     if entries != count:
         raise DataError(f"{out}: {entries} of {count} images stored after the pass; {FINISH_HINT}")
-    with env.begin() as txn:
+    with reading(out, REMAKE_HINT), env.begin() as txn:
         bad = sum(1 for k, v in txn.cursor() if len(k) == 8 and len(v) == 0)
-    with env.begin(write=True) as txn:
-        txn.put(COMPLETE_KEY, json.dumps({"count": count, "unreadable": bad, "time": round(time.time(), 3)}).encode())
-    env.sync(True)
+    done = json.dumps({"count": count, "unreadable": bad, "time": round(time.time(), 3)}).encode()
+    write_values(env, {}, out, {COMPLETE_KEY: done})
+    try:
+        env.sync(True)
+    except lmdb.Error as e:
+        raise write_error(out, e) from None
     return bad
 
 
@@ -181,18 +211,36 @@ def make_soft_labels(
     (``all_gather_object``) and commits them in one transaction, so a killed run leaves whole
     batches behind and the same command, on any number of processes, finishes it.
     """
+    from wsld.runtime import setup_runtime
+
+    check_arguments(cfg, crops, topk, precision)
+    rt = rt or setup_runtime()
+    say: Log = log if rt.is_main else (lambda m: None)
+    out = Path(os.path.expanduser(str(out)))
+    held: list[TakenFolder] = []  # rank 0's lock on the folder, taken before anything else
+
+    def take() -> None:
+        held.append(take_folder(out, "soft-label store"))
+        check_folder(out)
+
+    try:
+        on_main(rt, take)
+        return _make(cfg, out, crops, topk, precision, batch_size, say, rt)
+    finally:
+        for taken in held:
+            taken.release()
+
+
+def _make(cfg, out: Path, crops: int, topk: int, precision: str, batch_size: Optional[int], say: Log, rt: Runtime):
+    """``make_soft_labels`` once the folder is taken."""
     from tqdm import tqdm
 
     from wsld.data.build import build_datasets
     from wsld.engine.step import BatchNormalizer
     from wsld.models import build_model
-    from wsld.runtime import setup_runtime
     from wsld.teachers.live import set_teacher_bn_mode
     from wsld.teachers.training import ensure_teacher
 
-    check_arguments(cfg, crops, topk, precision)
-    rt = rt or setup_runtime()
-    say: Log = log if rt.is_main else (lambda m: None)
     set_cpu_threads(cfg, rt)
     seed_everything(cfg.train.seed)
     train_ds, _, info = build_datasets(cfg.data, seed=cfg.train.seed)
@@ -221,7 +269,6 @@ def make_soft_labels(
     per_image = crops * dtype.itemsize
     # LMDB stores small values inline (~16 B overhead); bigger ones on whole overflow pages
     est = per_image + 64 if per_image < 1500 else (per_image // 4096 + 2) * 4096
-    out = Path(os.path.expanduser(str(out)))
     per_batch = max(1, (batch_size or cfg.data.batch_size) // crops)
     env = None
 
@@ -257,8 +304,8 @@ def make_soft_labels(
                 if rt.is_main:
                     for m in (m for _, messages in parts for m in messages):
                         say(m)
-                    write_values(env, {i: v for values, _ in parts for i, v in values.items()})
                     bar.update(sum(len(values) for values, _ in parts))
+                on_main(rt, lambda: write_values(env, {i: v for values, _ in parts for i, v in values.items()}, out))
         bar.close()
         bad = on_main(rt, lambda: finish_store(env, out, n))
     finally:
@@ -297,7 +344,7 @@ def crop_records(
         rec["box"] = torch.cat([it[3][:, :4] for it in good]).numpy()
         rec["flip"] = torch.cat([it[3][:, 4] for it in good]).numpy()
         for j, it in enumerate(good):
-            values[it[0]] = rec[j * crops : (j + 1) * crops].tobytes()
+            values[it[0]] = encode_value(rec[j * crops : (j + 1) * crops])
     return values, messages
 
 

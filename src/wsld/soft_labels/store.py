@@ -14,12 +14,15 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from wsld.data.lmdb_files import SOFT_LABEL_STORE_KEY, reading, seal, unseal
 from wsld.errors import DataError, UserError
 
 FORMAT = "wsld-soft-labels"
-FORMAT_VERSION = 2  # 2: records carry others_lse (exact rebuild for confident teachers)
-READABLE_VERSIONS = (1, 2)
-META_KEY, COMPLETE_KEY = b"__wsld_soft_labels_meta__", b"__wsld_soft_labels_complete__"  # never 8 bytes long
+FORMAT_VERSION = 3  # 2: records carry others_lse (exact rebuild for confident teachers); 3: values carry a CRC-32
+READABLE_VERSIONS = (1, 2, 3)
+META_KEY, COMPLETE_KEY = SOFT_LABEL_STORE_KEY, b"__wsld_soft_labels_complete__"  # never 8 bytes long
+# what to do about a damaged store
+REMAKE_HINT = "remake it with 'wsld soft-labels' (or copy it again)"
 PRECISIONS = {"float16": "<f2", "float32": "<f4"}
 # data keys that decide which pixels a seeded training crop holds
 CROP_DATA_KEYS = (
@@ -138,16 +141,25 @@ def records_to_tensors(records: np.ndarray) -> dict[str, Tensor]:
     return out
 
 
-def read_meta(env) -> tuple[Optional[dict], Optional[dict]]:
-    """``(meta, completion)`` records of an open store environment (None where missing)."""
-    with env.begin() as txn:
+def read_meta(env, path: Path | str = "") -> tuple[Optional[dict], Optional[dict]]:
+    """``(meta, completion)`` records of an open store environment (None where missing); damaged
+    records are a DataError naming ``path``."""
+    with reading(path, REMAKE_HINT), env.begin() as txn:
         meta, done = txn.get(META_KEY), txn.get(COMPLETE_KEY)
-    return (json.loads(meta) if meta else None), (json.loads(done) if done else None)
+    try:
+        return (json.loads(meta) if meta else None), (json.loads(done) if done else None)
+    except ValueError as e:
+        raise DataError(f"soft-label store {path}: its metadata record is damaged ({e}): {REMAKE_HINT}") from None
 
 
-def image_count(env) -> int:
+def encode_value(records: np.ndarray) -> bytes:
+    """An image's stored value: its K packed records and their CRC-32 (format version 3)."""
+    return seal(records.tobytes())
+
+
+def image_count(env, path: Path | str = "") -> int:
     """Image records: every key but the two metadata keys."""
-    with env.begin() as txn:
+    with reading(path, REMAKE_HINT), env.begin() as txn:
         return int(txn.stat()["entries"]) - sum(1 for k in (META_KEY, COMPLETE_KEY) if txn.get(k) is not None)
 
 
@@ -156,8 +168,9 @@ class SoftLabelStore:
 
     One LMDB directory: ``META_KEY`` (JSON: format, version, crops K, topk k, precision, classes,
     count, teacher and the SHA-256 of its weights, seed, the crop data keys, the labels' SHA-256),
-    written first; the 8-byte big-endian image index -> its K packed records (empty: the image was
-    unreadable); ``COMPLETE_KEY`` written last (without it the store is incomplete and refused).
+    written first; the 8-byte big-endian image index -> its K packed records and (version 3) their
+    CRC-32, checked on every read (empty: the image was unreadable); ``COMPLETE_KEY`` written last
+    (without it the store is incomplete and refused).
     """
 
     def __init__(self, path: str | Path):
@@ -166,9 +179,9 @@ class SoftLabelStore:
             raise DataError(f"distill.soft_labels: no soft-label store at {self.path} (make one with 'wsld soft-labels')")
         from wsld.data.lmdb_reader import shared_env
 
-        env = shared_env(self.path)  # this process's read-only handle (DataLoader workers open their own)
-        meta, done = read_meta(env)
-        n_done = image_count(env) if meta is not None else 0
+        env = shared_env(self.path, REMAKE_HINT)  # this process's read-only handle (DataLoader workers open their own)
+        meta, done = read_meta(env, self.path)
+        n_done = image_count(env, self.path) if meta is not None else 0
         if meta is None or meta.get("format") != FORMAT:
             raise DataError(f"distill.soft_labels: {self.path} is an LMDB but not a wsld soft-label store")
         if meta.get("version") not in READABLE_VERSIONS:
@@ -191,10 +204,21 @@ class SoftLabelStore:
         """The K records of image ``index`` (empty if it was unreadable when the store was made)."""
         from wsld.data.lmdb_reader import shared_env
 
-        with shared_env(self.path).begin(buffers=False) as txn:
+        with reading(self.path, REMAKE_HINT), shared_env(self.path, REMAKE_HINT).begin(buffers=False) as txn:
             value = txn.get(image_key(index))
         if value is None:
             raise DataError(f"soft-label store {self.path} has no record of image {index}: it does not belong to this data")
+        if not value:
+            return np.frombuffer(value, dtype=self.dtype)
+        if self.version >= 3:
+            try:
+                value = unseal(value)
+            except ValueError as e:
+                raise DataError(f"soft-label store {self.path}: the records of image {index} are damaged ({e}): "
+                                f"{REMAKE_HINT}") from None
+        if len(value) != self.crops * self.dtype.itemsize:
+            raise DataError(f"soft-label store {self.path}: the records of image {index} hold {len(value)} bytes, not "
+                            f"{self.crops} x {self.dtype.itemsize}: it is damaged; {REMAKE_HINT}")
         return np.frombuffer(value, dtype=self.dtype)
 
     def record(self, index: int, crop: int) -> np.ndarray:
