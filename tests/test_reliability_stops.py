@@ -134,7 +134,9 @@ def test_a_second_run_or_resume_on_a_live_run_directory_is_refused_naming_the_pi
 def test_two_runs_sharing_a_teacher_setup_train_the_teacher_once(tmp_path):
     cache = f"model.teacher_cache={tmp_path / 'cache'}"
     args = [*TINY, cache, "train.epochs=1"]
-    a = _start([*WSLD, "train", *args, "--out", str(tmp_path / "a")], tmp_path / "a.log", WSLD_TEST_SLOW_STEP="0.1")
+    # slow steps hold the teacher phase (21 steps) for 6 s or more: time for b to start up and find
+    # the lock even on a loaded machine (at 0.1 s a step, b once started after the teacher was done)
+    a = _start([*WSLD, "train", *args, "--out", str(tmp_path / "a")], tmp_path / "a.log", WSLD_TEST_SLOW_STEP="0.3")
     try:
         _wait_for(lambda: any((tmp_path / "cache").glob("*/.lock")), a, tmp_path / "a.log")
         b = subprocess.run([*WSLD, "train", *args, "--out", str(tmp_path / "b")], capture_output=True, text=True, env=sub_env(), timeout=300)

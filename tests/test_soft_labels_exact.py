@@ -86,7 +86,9 @@ def test_top_k_keeps_the_masses_and_the_teacher_ce(precision, k, margin):
     idx = z.topk(k, 1).indices
     lse = torch.logsumexp(z, 1)
     assert torch.allclose(torch.logsumexp(r, 1), lse, atol=1e-5)
-    assert torch.allclose(r[rows, y], z[rows, y])
+    # the labelled logit comes back as lse + log p, a float32 round trip through values up to |lse|
+    # (about 15 here): a few ULPs of that, 2e-6 at most, on any CPU's kernels (measured 4.8e-7)
+    assert torch.allclose(r[rows, y], z[rows, y], rtol=0, atol=1e-5)
     ce = lambda logits: torch.nn.functional.cross_entropy(logits, y, reduction="none")  # noqa: E731
     assert torch.allclose(ce(r), ce(z), rtol=1e-5, atol=1e-6)  # CE_teacher(y) as the online loss computes it
     stored = torch.zeros(n, C, dtype=torch.bool).scatter_(1, idx, True)
