@@ -120,6 +120,12 @@ def test_truncated_lmdb_is_one_line_for_verify_and_train(packed, tmp_path):
     p = run("train", *photo_args(data, tmp_path / "cache"), "--out", tmp_path / "run")
     assert p.returncode == 2, (p.returncode, p.stderr[-2000:])
     assert "truncated" in error_line(p.stderr)
+    # resuming the pack into it is refused the same way; --overwrite packs it again
+    p = run("data", "pack", packed, "--split", "train", "--out", data / "train", "--no-progress")
+    assert p.returncode == 2 and "truncated" in error_line(p.stderr), p.stderr[-2000:]
+    p = run("data", "pack", packed, "--split", "train", "--out", data / "train", "--no-progress", "--overwrite")
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert run("data", "verify", data / "train", "--no-progress").returncode == 0
 
 
 def test_corrupted_lmdb_page_is_one_line(packed, tmp_path):
@@ -159,6 +165,10 @@ def test_flipped_byte_in_a_store_record_is_refused(digits_store, digits_run, tmp
     assert rc == 2, err[-2000:]
     line = error_line(err)
     assert "image 5 are damaged" in line and "checksum" in line
+    rc, out, _ = wsld(capsys, "data", "verify", store, "--no-progress")
+    assert rc == 1
+    assert f"ERROR {store}[5]: records damaged (checksum mismatch)" in out
+    assert wsld(capsys, "data", "verify", digits_store, "--no-progress")[0] == 0
 
 
 def test_moved_and_flipped_lmdb_records_do_not_train(packed, tmp_path, capsys):
@@ -320,7 +330,7 @@ def test_eval_and_export_import_a_checkpoints_module_only_when_asked(digits_run,
 # --- item 9: the store's default place, and verify meeting a store --------------------------------
 
 
-def test_default_store_is_outside_the_lmdb_folder_and_verify_skips_stores(packed, tmp_path, capsys):
+def test_default_store_is_outside_the_lmdb_folder_and_verify_checks_it_and_moves_on(packed, tmp_path, capsys):
     root = tmp_path / "d"
     shutil.copytree(packed, root)
     args = photo_args(root / "lmdb", tmp_path / "cache")
@@ -332,5 +342,5 @@ def test_default_store_is_outside_the_lmdb_folder_and_verify_skips_stores(packed
     shutil.copytree(store, root / "lmdb" / "train_soft_labels")  # where older versions put it
     rc, out, err = wsld(capsys, "data", "verify", root / "lmdb", "--no-progress")
     assert rc == 0, out + err
-    assert "soft-label store, not images: skipped" in out
+    assert "train_soft_labels (wsld soft-label store" in out
     assert "train (wsld LMDB" in out and "val (wsld LMDB" in out

@@ -311,8 +311,11 @@ def _check_numbers(cfg: Config) -> None:
 
 # Upper bounds: past them a value breaks something later (a float32 overflow, a tensor too large to
 # allocate, a process per worker), so it stops here instead, with the bound (README, config keys).
-MAX_LR = 1e4  # train.lr, teacher_train.lr (scaled by batch_size / base_batch_size: float32 holds it)
-MAX_WEIGHT_DECAY = 1e4
+# train.lr, teacher_train.lr and the weight decays: scaled by batch_size / base_batch_size (at most
+# 2**20) they stay within float32 (3.4e38, where the optimiser overflowed); absurd values below it
+# still run, and diverge into the one-line stop of train.nan_policy (exit 3)
+MAX_LR = 1e30
+MAX_WEIGHT_DECAY = 1e30
 MAX_BATCH = 2**20  # data.batch_size, val_batch_size, batch_size_per_device, train.base_batch_size
 MAX_EPOCHS = 10**6
 MAX_IMAGE_SIZE = 4096  # data.image_size (a 4096 x 4096 RGB crop is 48 MiB); data.val_resize: 2x that

@@ -125,6 +125,9 @@ def _prepare_output(path: Path, split: str, checksum: str, overwrite: bool, log)
     if not is_lmdb_dir(path):
         return "fresh", 0
     release_env(path)  # a read-only handle from this process (LMDB allows one per path)
+    if overwrite:  # replaced unread: a truncated or damaged LMDB is what --overwrite is for
+        _remove_lmdb(path)
+        return "fresh", 0
     env = _open_for_write(path, INITIAL_MAP_SIZE)
     try:
         with reading(path, DAMAGED_HINT), env.begin() as txn:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import os
+import struct
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +36,7 @@ from wsld.data.lmdb_reader import (
     open_lmdb_index,
     shared_env,
 )
-from wsld.data.lmdb_files import SOFT_LABEL_STORE_KEY, first_line, reading
+from wsld.data.lmdb_files import SOFT_LABEL_STORE_KEY, first_line, reading, unseal
 from wsld.data.parallel import ordered_map
 from wsld.errors import DataError
 
@@ -197,6 +198,59 @@ def is_soft_label_store(path: Path) -> bool:
         return txn.get(SOFT_LABEL_STORE_KEY) is not None
 
 
+STORE_COMPLETE_KEY = b"__wsld_soft_labels_complete__"
+
+
+def verify_store(path: Path, emit) -> VerifyReport:
+    """A soft-label store's records (``wsld soft-labels``): every image present, every value of the
+    length its metadata gives and (format 3) matching its CRC-32; the store is not images, so
+    nothing is decoded."""
+    import json
+
+    with reading(path, DAMAGED_HINT), shared_env(path).begin() as txn:
+        raw, done = txn.get(SOFT_LABEL_STORE_KEY), txn.get(STORE_COMPLETE_KEY)
+        try:
+            meta = json.loads(raw)
+            count, crops, record_bytes = int(meta["count"]), int(meta["crops"]), int(meta["record_bytes"])
+            sealed = int(meta.get("version", 0)) >= 3
+        except (ValueError, KeyError, TypeError) as e:
+            raise DataError(f"soft-label store {path}: its metadata record is damaged ({e}); remake it") from None
+        report = VerifyReport(f"{path.name} (wsld soft-label store {path}, {crops} crop(s) per image)", ["images"],
+                              [0], [0])
+        unreadable = 0
+        for i in range(count):
+            value = _get(txn, struct.pack(">Q", i))
+            error = None
+            if isinstance(value, RecordError):
+                error = str(value)
+            elif value is None:
+                error = "no record of this image"
+            elif len(value) == 0:
+                unreadable += 1
+            else:
+                payload = value
+                if sealed:
+                    try:
+                        payload = unseal(value)
+                    except ValueError as e:
+                        error = f"records damaged ({e})"
+                if error is None and len(payload) != crops * record_bytes:
+                    error = f"records damaged ({len(payload)} bytes, not {crops} x {record_bytes})"
+            report.counts[0] += 1
+            if error:
+                report.unusable[0] += 1
+                report.errors.append((f"[{i}]", error))
+                emit(f"ERROR {path}[{i}]: {error}")
+    if done is None:
+        report.fatal.append("incomplete store (no completion record): run 'wsld soft-labels' again to finish it")
+        emit(f"ERROR {path}: {report.fatal[-1]}")
+    if unreadable:
+        report.remarks.append(f"{unreadable} image(s) were unreadable when the store was made (stored without crops)")
+    if not sealed:
+        report.remarks.append(f"format version {meta.get('version')}: records carry no checksum, only their length is checked")
+    return report
+
+
 def verify_lmdb(path: Path, workers: int, progress: bool, emit) -> VerifyReport:
     index = open_lmdb_index(path, require_complete=False, reference_labels="folders")
     if index.kind == "wsld":
@@ -303,20 +357,14 @@ def verify_path(path: str | Path, *, workers: int = 4, progress: bool = True, co
         lst = read_list(path)
         done(verify_image_list(lst, f"{path.name}", workers, progress, emit))
     elif is_lmdb_dir(path):
-        if is_soft_label_store(path):
-            raise DataError(f"{path} is a wsld soft-label store, not images: its records are checked (CRC-32) as "
-                            "training reads them; verify the data it was made from")
-        done(verify_lmdb(path, workers, progress, emit))
+        done(verify_store(path, emit) if is_soft_label_store(path) else verify_lmdb(path, workers, progress, emit))
     else:
         lmdbs = [path / d for d in subdirs(path) if is_lmdb_dir(path / d)]
         splits = [s for s in present_splits(path) if not is_lmdb_dir(path / s)]
         if lmdbs and not splits:
             for p in lmdbs:
                 try:
-                    if is_soft_label_store(p):
-                        emit(f"NOTE  {p}: a wsld soft-label store, not images: skipped")
-                        continue
-                    done(verify_lmdb(p, workers, progress, emit))
+                    done(verify_store(p, emit) if is_soft_label_store(p) else verify_lmdb(p, workers, progress, emit))
                 except DataError as e:  # one damaged LMDB does not hide the state of the others
                     report = _new_report(f"{p.name} ({p})", [])
                     report.fatal.append(str(e))

@@ -129,14 +129,15 @@ def open_store(out: Path, meta: dict, est_bytes: int):
 
     check_folder(out)
     release_env(out)  # a read-only handle of this process would block the writer
+    remedy = f"remove {out} and run the same command again to remake it"
     if (out / "data.mdb").is_file():
-        check_data_file(out, REMAKE_HINT)  # a truncated file would be a SIGBUS once mapped
+        check_data_file(out, remedy)  # a truncated file would be a SIGBUS once mapped
     try:
         env = lmdb.open(str(out), map_size=est_bytes + (64 << 20), subdir=True, readahead=False, meminit=False)
     except lmdb.Error as e:
         if no_space(e, out):
             raise DataError(f"cannot create the soft-label store {out}: the disk is full ({first_line(e)})") from None
-        raise damaged(out, e, REMAKE_HINT) from None
+        raise damaged(out, e, remedy) from None
     try:
         old, _ = read_meta(env, out)
         if old is None and env.stat()["entries"] > 0:
