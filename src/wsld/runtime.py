@@ -135,3 +135,14 @@ def autocast(device: torch.device, dtype: Optional[torch.dtype]):
 def use_channels_last(channels_last: Optional[bool], device: torch.device) -> bool:
     """``model.channels_last``: null means on for CUDA, off on CPU."""
     return channels_last if channels_last is not None else device.type == "cuda"
+
+
+# test hook (docs/engine.md): WSLD_COMPILE_BACKEND=eager makes model.compile=true trace with torch.compile's
+# eager backend (no C compiler, seconds instead of minutes on a CPU); unset: torch's default (inductor)
+COMPILE_BACKEND_ENV = "WSLD_COMPILE_BACKEND"
+
+
+def compile_module(model: torch.nn.Module) -> torch.nn.Module:
+    """``torch.compile(model)`` for ``model.compile=true`` (train's student and live teacher, soft-labels, eval)."""
+    backend = os.environ.get(COMPILE_BACKEND_ENV) or "inductor"
+    return torch.compile(model, backend=backend)

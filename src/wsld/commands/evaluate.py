@@ -36,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
     from wsld.engine.step import BatchNormalizer
     from wsld.errors import UserError
     from wsld.models import build_model, check_model_name, load_weights
-    from wsld.runtime import amp_dtype_for, setup_runtime, teardown_runtime, use_channels_last
+    from wsld.runtime import amp_dtype_for, compile_module, setup_runtime, teardown_runtime, use_channels_last
 
     path = Path(args.checkpoint)
     if not path.is_file() and not path.is_dir():  # a folder gets load_checkpoint's hint
@@ -74,7 +74,8 @@ def run(args: argparse.Namespace) -> int:
     loader = make_loader(val, sampler, bs, workers=cfg.data.workers, device=rt.device, drop_last=False, seed=cfg.train.seed)
     norm = BatchNormalizer(info.mean, info.std, rt.device, use_channels_last(cfg.model.channels_last, rt.device))
     try:
-        res = evaluate(model, loader, norm, info.num_classes, rt, amp_dtype_for(cfg.train.amp, rt.device), cfg.train.progress, "eval")
+        run = compile_module(model) if cfg.model.compile else model
+        res = evaluate(run, loader, norm, info.num_classes, rt, amp_dtype_for(cfg.train.amp, rt.device), cfg.train.progress, "eval")
     finally:
         teardown_runtime(rt)
     if int(os.environ.get("RANK", "0")) == 0:

@@ -5,9 +5,10 @@ trains on. Here the loader workers only read each sample's encoded bytes and dra
 and flip from the same per-sample generator as the CPU path (``TrainTransform.crop_box``), so
 crops stay identical to the CPU path's boxes: replayable (soft-label stores) and resumable
 mid-epoch. The main process decodes the whole batch with ``torchvision.io.decode_jpeg(list,
-device=...)`` (batched nvJPEG on CUDA; per image with libjpeg-turbo on the CPU, which is how the
-tests run it) and crops, resizes (antialiased bilinear, as the CPU path), flips and normalises on
-the device.
+device=...)`` (batched nvJPEG on CUDA, on a stream of its own: see ``GpuDecoder``; per image with
+libjpeg-turbo on the CPU, which is how the tests run it) and crops, resizes (antialiased bilinear,
+as the CPU path), flips and normalises on the device, batched (``wsld.data.resize``); in training
+the prefetcher (``wsld.data.prefetch``) does all of it for the next batch while a step runs.
 
 Files nvJPEG should not get (PNG, CMYK/YCCK or Adobe-RGB JPEGs, a JPEG without its end marker)
 are decoded in the worker by the CPU transform itself, so they are bit-identical to the CPU path
@@ -31,14 +32,15 @@ from typing import Any, Optional, Union
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
 
 from wsld.data.batch import Batch
 from wsld.data.datasets import CorruptSample, PhotoDataset
 from wsld.data.images import EncodedImage, ImageDecodeError
+from wsld.data.resize import GROUP, crop_resize
 from wsld.data.sampling import split_key
+from wsld.data.streams import CudaStreams, Streams
 from wsld.data.transforms import TrainTransform, ValTransform
 from wsld.errors import DataError, UserError
 
@@ -224,12 +226,21 @@ class GpuDecoder:
     ``BatchNormalizer`` gives for the CPU path's uint8 images, ``targets`` and ``teacher_records``
     without the rows no decoder could read (those join ``corrupt``, or raise with
     ``on_corrupt="stop"``).
+
+    Memory safety on CUDA (docs/data.md): nvJPEG's hardware decoder may write its output before the
+    work already queued on its stream has run, so it never gets a stream with other work, nor memory
+    that work may still read: it decodes on a stream of its own (``decode_stream``), whose memory
+    pool nothing else allocates from; the caller's current stream waits for it and each decoded
+    image is kept from reuse until the caller's work on it is done (``record_stream``). Everything
+    after the decode (one ``resize.crop_resize`` per group of same-size images, rounding, flip,
+    normalisation) runs on the caller's current stream: the training stream, or the prefetcher's
+    side stream (``wsld.data.prefetch``). ``streams`` replaces ``CudaStreams`` (tests watch it).
     """
 
     collate = staticmethod(collate_encoded)
 
     def __init__(self, mean: list[float], std: list[float], image_size: int, device: Union[str, torch.device],
-                 channels_last: bool = False, on_corrupt: str = "skip"):  # fmt: skip
+                 channels_last: bool = False, on_corrupt: str = "skip", streams: Optional[Streams] = None):  # fmt: skip
         self.device = torch.device(device)
         self.mean = torch.tensor(mean, device=self.device).view(1, -1, 1, 1) * 255.0
         self.inv_std = 1.0 / (torch.tensor(std, device=self.device).view(1, -1, 1, 1) * 255.0)
@@ -237,42 +248,42 @@ class GpuDecoder:
         self.channels_last = channels_last
         self.on_corrupt = on_corrupt
         self.stats = DecodeStats()
+        self.streams = streams if streams is not None else (CudaStreams(self.device) if self.device.type == "cuda" else None)
+        self.decode_stream = self.streams.new() if self.streams is not None else None
 
     def __call__(self, batch: Batch) -> Batch:
         enc = batch.encoded
         if not isinstance(enc, EncodedBatch):
             raise TypeError("GpuDecoder needs batches from collate_encoded (an EncodedPhotoDataset's loader)")
-        n, s = len(batch), self.size
-        out = torch.empty((n, 3, s, s), dtype=torch.float32, device=self.device)
+        n, s, dev = len(batch), self.size, self.device
+        out = torch.zeros((n, 3, s, s), dtype=torch.float32, device=dev)
         keep = torch.ones(n, dtype=torch.bool)
         corrupt = list(batch.corrupt)
         if len(enc.pixel_rows):
-            out[enc.pixel_rows.to(self.device)] = enc.pixels.to(self.device, non_blocking=True).float()
+            out[enc.pixel_rows.to(dev, non_blocking=True)] = enc.pixels.to(dev, non_blocking=True).float()
             self.stats.cpu_worker += len(enc.pixel_rows)
-        plans = enc.plans.tolist()
-        flips = []
-        for k, img in enumerate(self._decode(enc, [(p[7], p[8]) for p in plans])):
-            row = int(enc.device_rows[k])
+        plans = enc.plans.numpy()
+        groups: dict[tuple[int, int], list[tuple[int, Tensor]]] = {}  # decoded size -> (device row, image)
+        for k, img in enumerate(self._decode(enc, [(int(p[7]), int(p[8])) for p in plans])):
             if isinstance(img, str):
-                keep[row] = False
+                keep[int(enc.device_rows[k])] = False
                 corrupt.append(CorruptSample(enc.paths[k], img))
-                continue
-            top, left, h, w, rh, rw, flip = plans[k][:7]
-            x = F.interpolate(img[:, top : top + h, left : left + w].unsqueeze(0).float(), size=(rh, rw),
-                              mode="bilinear", align_corners=False, antialias=True)  # fmt: skip
-            out[row] = _center_crop(x[0], s)
-            if flip:
-                flips.append(row)
+            else:
+                groups.setdefault(tuple(img.shape[-2:]), []).append((k, img))
+        for members in groups.values():
+            for at in range(0, len(members), GROUP):
+                part = members[at : at + GROUP]
+                ks = [k for k, _ in part]
+                rows = enc.device_rows[ks].to(dev, non_blocking=True)
+                out.index_copy_(0, rows, crop_resize([img for _, img in part], plans[ks], s))
         out.round_()  # the CPU path's images are uint8: same grey levels here
-        if flips:
-            idx = torch.tensor(flips, device=self.device)
-            out[idx] = out[idx].flip(-1)
         x = (out - self.mean) * self.inv_std
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         records = batch.teacher_records
-        if not bool(keep.all()):
-            x = x[keep.to(self.device)]
+        if not bool(keep.all()):  # a CPU tensor: no device sync
+            idx = keep.nonzero().flatten()
+            x = x.index_select(0, idx.to(dev, non_blocking=True))
             if records is not None:
                 records = {k: v[keep] for k, v in records.items()}
         return Batch(x, batch.targets[keep], corrupt, teacher_records=records)
@@ -282,20 +293,19 @@ class GpuDecoder:
     def _decode(self, enc: EncodedBatch, sizes: list[tuple[int, int]]) -> list[Union[Tensor, str]]:
         """Each device row's RGB uint8 (3, H, W) on the device, or why it could not be decoded. An
         image the device refuses, or decodes to another size than its header's, goes to the CPU."""
-        from torchvision.io import ImageReadMode, decode_jpeg
-
         jpegs = [enc.data[a:b] for a, b in zip(enc.offsets[:-1], enc.offsets[1:])]
         if not jpegs:
             return []
-        try:
-            imgs: list[Optional[Tensor]] = list(decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=self.device))
-        except RuntimeError:  # one bad image fails the whole batch: decode them one by one
-            imgs = []
-            for data in jpegs:
-                try:
-                    imgs.append(decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device))
-                except RuntimeError:
-                    imgs.append(None)
+        if self.streams is None:
+            imgs = self._decode_jpegs(jpegs)
+        else:
+            with self.streams.use(self.decode_stream):  # a stream that holds nothing but decoding
+                imgs = self._decode_jpegs(jpegs)
+            current = self.streams.current()
+            self.streams.wait(current, self.decode_stream)
+            for img in imgs:
+                if img is not None:
+                    self.streams.keep_for(img, current)
         out: list[Union[Tensor, str]] = []
         for k, img in enumerate(imgs):
             if img is not None and tuple(img.shape[-2:]) == sizes[k]:
@@ -304,6 +314,21 @@ class GpuDecoder:
             else:
                 out.append(self._decode_on_cpu(jpegs[k], enc.paths[k]))
         return out
+
+    def _decode_jpegs(self, jpegs: list[Tensor]) -> list[Optional[Tensor]]:
+        """torchvision's batched decode on the current stream; one by one when one image fails it."""
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        try:
+            return list(decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=self.device))
+        except RuntimeError:  # one bad image fails the whole batch: decode them one by one
+            imgs: list[Optional[Tensor]] = []
+            for data in jpegs:
+                try:
+                    imgs.append(decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device))
+                except RuntimeError:
+                    imgs.append(None)
+            return imgs
 
     def _decode_on_cpu(self, data: Tensor, path: str) -> Union[Tensor, str]:
         """The CPU path's strict decoder (libjpeg-turbo, then Pillow); the reason when it fails too."""
@@ -315,13 +340,4 @@ class GpuDecoder:
             self.stats.corrupt += 1
             return str(e)
         self.stats.cpu_main += 1
-        return torch.from_numpy(arr).permute(2, 0, 1).to(self.device)
-
-
-def _center_crop(x: Tensor, size: int) -> Tensor:
-    """torchvision's CenterCrop (zero padding when the image is smaller), on a float (3, H, W) tensor."""
-    if x.shape[-2:] == (size, size):
-        return x
-    from torchvision.transforms.v2 import functional as TF
-
-    return TF.center_crop(x, [size, size])
+        return torch.from_numpy(arr).permute(2, 0, 1).to(self.device, non_blocking=True)

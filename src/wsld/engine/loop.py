@@ -31,22 +31,24 @@ from wsld.data.build import build_datasets
 from wsld.data.batch import Batch, collate_batch
 from wsld.data.datasets import collate_skip_corrupt
 from wsld.data.gpu_decode import GpuDecoder, collate_encoded, encoded_view, resolve_decode
+from wsld.data.prefetch import prefetch
 from wsld.data.sampling import ResumableSampler
 from wsld.engine.evaluate import evaluate
 from wsld.engine.guards import TrainingDiverged, check_teacher_strength, weights_finite
+from wsld.engine.health import StepHealth, Verdict
 from wsld.engine.hooks import SLOW_STEP_ENV, maybe_kill9, simulated_crash, stop_after_steps
 from wsld.engine.optim import build_optimizer, effective_lr, lr_factor
 from wsld.engine.resume import NOT_COMPARED_ON_RESUME, check_run_files, epochs_refusal, set_aside_summary, write_run_record
 from wsld.engine.rundir import MetricsLog, config_diff, early_write_probe, write_probe
 from wsld.engine.stats import EpochStats
-from wsld.engine.step import BatchNormalizer, StepContext, train_step
+from wsld.engine.step import APPLIED, BatchNormalizer, StepContext, stand_in_inputs, train_step, update_ema
 from wsld.engine.stopping import StopRequest, TrainingStopped, ignore_stop_signals_in_worker, signal_name
 from wsld.errors import CheckpointError, UserError
 from wsld.files import atomic_write_text
 from wsld.locks import DirLock
 from wsld.losses.registry import build_loss
 from wsld.models import build_model, check_model_name, load_weights
-from wsld.runtime import Runtime, amp_dtype_for, barrier, seed_everything, set_cpu_threads, use_channels_last
+from wsld.runtime import Runtime, amp_dtype_for, barrier, compile_module, seed_everything, set_cpu_threads, use_channels_last
 from wsld.teachers.base import TeacherSource
 from wsld.teachers.live import set_teacher_bn_mode
 
@@ -151,10 +153,10 @@ class Trainer:
             self.model = nn.parallel.DistributedDataParallel(
                 self.student, device_ids=[dev.index] if dev.type == "cuda" else None
             )
-        run_student = torch.compile(self.model) if cfg.model.compile else self.model
+        run_student = compile_module(self.model) if cfg.model.compile else self.model
         self.ctx = StepContext(
             student=run_student, teacher=self.teacher, loss_fn=self.loss, optimizer=self.optimizer, scaler=self.scaler,
-            amp_dtype=self.amp_dtype, grad_clip=cfg.train.grad_clip,
+            amp_dtype=self.amp_dtype, grad_clip=cfg.train.grad_clip, params_module=self.student,
         )  # fmt: skip
         # data.decode: uint8 images normalised on the device, or JPEG bytes decoded there (gpu_decode)
         self.decode = resolve_decode(cfg.data.decode, dev, self.train_ds)
@@ -370,30 +372,26 @@ class Trainer:
             first = start_step if epoch == start_epoch else 0
             self.train_sampler.set_epoch(epoch, first)
             stats = EpochStats(C, rt.device)
+            health = StepHealth(cfg.train.log_every, rt.distributed, rt.device)
             if epoch == start_epoch and saved_stats is not None:
                 stats.load(saved_stats)
             bar = tqdm(total=self.steps_per_epoch, initial=first, desc=f"{self.role} epoch {epoch + 1}/{cfg.train.epochs}",
                        disable=not progress, mininterval=1.0, leave=False, dynamic_ncols=True)  # fmt: skip
             t_wait = time.perf_counter()
             step = first
-            for batch in self.train_loader:
+            for batch in prefetch(self.train_loader, self.normalize.prepare, rt.device):  # on the device, one batch ahead
                 stats.wait += time.perf_counter() - t_wait
-                batch = self.normalize.prepare(batch)  # on the device; a device decode may add corrupt rows
                 if batch.corrupt:
                     self._handle_corrupt(batch.corrupt, epoch, step)
                 lr_used = self.optimizer.param_groups[0]["lr"]
-                if self._batch_is_empty(len(batch)):  # every image of the batch was corrupt (on some rank)
-                    pass
-                else:
+                if len(batch) or rt.distributed:  # an empty batch (all corrupt) is skipped; under DDP a stand-in is run and discarded
                     self.loss.set_epoch(epoch + step / self.steps_per_epoch)  # for losses that follow training progress (DKD's warm-up)
-                    y = batch.targets.to(rt.device, non_blocking=True)
-                    loss, parts = train_step(self.ctx, batch.images, y, batch)
-                    if loss is None:
-                        self._non_finite(epoch, step, global_step)
-                    else:
-                        if self.ema is not None:
-                            self.ema.update_parameters(self.student)
-                        stats.add(loss, parts, y)
+                    x, y = (batch.images, batch.targets.to(rt.device, non_blocking=True)) if len(batch) else stand_in_inputs(self.info, rt.device, self.channels_last)
+                    res = train_step(self.ctx, x, y, batch, stand_in=not len(batch))
+                    stats.add(res.loss, res.parts, y, res.status == APPLIED)
+                    if self.ema is not None:
+                        update_ema(self.ema, self.student, cfg.train.ema_decay, res)
+                    health.record(res.status, epoch, step, global_step)
                 step += 1
                 global_step += 1
                 steps_here += 1
@@ -401,21 +399,26 @@ class Trainer:
                 stats.imgs += len(batch) * rt.world_size
                 stats.lr = lr_used
                 bar.update(1)
-                if cfg.train.log_every and global_step % cfg.train.log_every == 0 and stats.n:
+                log_due = cfg.train.log_every and global_step % cfg.train.log_every == 0
+                save_due = cfg.checkpoint.every_steps and global_step % cfg.checkpoint.every_steps == 0 and step < self.steps_per_epoch
+                signum = stop.signum if not rt.distributed else None  # under DDP: agreed at the next read
+                if log_due or save_due or signum or health.pending >= health.window:
+                    signum = self._read_health(health, stats, stop)
+                if log_due and stats.n:
                     rec = self._train_record(stats, epoch, step, global_step)
                     bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{rec['lr']:.3g}")
-                if cfg.checkpoint.every_steps and global_step % cfg.checkpoint.every_steps == 0 and step < self.steps_per_epoch:
+                if save_due:
                     self._save(("last.pt",), epoch, step, global_step, stats)
                 if stop_after and steps_here >= stop_after:
                     simulated_crash(rt, global_step, self.say)
                 if slow_step_s:
                     time.sleep(slow_step_s)
                 maybe_kill9(rt, steps_here)
-                signum = stop.requested(rt.distributed, rt.device)
                 if signum:
                     self._save(("last.pt",), epoch, step, global_step, stats)
                     self._stopped(signum, epoch, step, global_step)
                 t_wait = time.perf_counter()
+            epoch_signum = self._read_health(health, stats, stop)
             bar.close()
             if stats.n:
                 self._train_record(stats, epoch, step, global_step)
@@ -442,7 +445,7 @@ class Trainer:
                     + f"  best {self.best_top1:.2f} @ epoch {self.best_epoch}"
                 )
             self._save(names, epoch + 1, 0, global_step)
-            signum = stop.requested(rt.distributed, rt.device)
+            signum = epoch_signum if rt.distributed else stop.signum
             if signum and not is_last:
                 self._stopped(signum, epoch + 1, 0, global_step)
         if last_eval is None:  # resumed after the final epoch had finished
@@ -507,13 +510,16 @@ class Trainer:
         self.metrics.close()
         raise TrainingDiverged(f"the student's weights are not finite after global step {global_step}; not checkpointed ({good}); lower train.lr or set train.grad_clip")
 
-    def _batch_is_empty(self, n: int) -> bool:
-        """Under DDP all ranks must skip together, or the others would wait in backward forever."""
-        if not self.rt.distributed or self.cfg.data.format == "builtin":  # built-in samples never fail
-            return n == 0
-        t = torch.tensor([n], device=self.rt.device, dtype=torch.int64)
-        dist.all_reduce(t, op=dist.ReduceOp.MIN)
-        return int(t.item()) == 0
+    def _read_health(self, health: StepHealth, stats: EpochStats, stop: StopRequest) -> Optional[int]:
+        """The verdicts since the last read (one host read; DDP: one small all-reduce, with the stop signal): train.nan_policy."""
+        verdicts, signum = health.read(stop.signum)
+        stats.drop(len(verdicts))
+        if self.ema is not None:
+            self.ema.n_averaged -= len(verdicts)  # update_ema counted them
+        for v in verdicts:
+            if v.why != "empty":
+                self._non_finite(v)
+        return signum
 
     def _train_record(self, stats: "EpochStats", epoch: int, step: int, global_step: int) -> dict:
         dt = max(1e-9, time.perf_counter() - stats.t0)
@@ -532,15 +538,18 @@ class Trainer:
             print(f"[wsld] {msg}", file=sys.stderr, flush=True)
             self.metrics.write({"kind": "corrupt", "epoch": epoch + 1, "step": step, "path": str(getattr(b, "path", b)), "error": str(getattr(b, "error", ""))})
 
-    def _non_finite(self, epoch: int, step: int, global_step: int) -> None:
-        where = f"epoch {epoch + 1}, step {step + 1} (global step {global_step + 1})"
+    def _non_finite(self, v: Verdict) -> None:
+        """A step whose loss (or gradients) was not finite was not applied: count it (nan_policy=skip)
+        or stop (found when the window was read: the steps since went on, but nothing was saved)."""
+        where = f"epoch {v.epoch + 1}, step {v.step + 1} (global step {v.global_step + 1})"
+        what = "loss is not finite" if v.why == "loss" else "gradients are not finite"
         if self.cfg.train.nan_policy == "skip":
             self.skipped_steps += 1
-            self.say(f"non-finite loss at {where}: step skipped ({self.skipped_steps} so far)")
-            self.metrics.write({"kind": "skipped_step", "epoch": epoch + 1, "step": step + 1, "global_step": global_step + 1})
+            self.say(f"non-finite {'loss' if v.why == 'loss' else 'gradients'} at {where}: step skipped ({self.skipped_steps} so far)")
+            self.metrics.write({"kind": "skipped_step", "epoch": v.epoch + 1, "step": v.step + 1, "global_step": v.global_step + 1, "why": v.why})
             return
         last = self.run_dir / "last.pt"
         good = f"last good checkpoint: {last}" if last.is_file() else "no checkpoint was written yet"  # only finite weights are ever written
-        self.metrics.write({"kind": "diverged", "epoch": epoch + 1, "step": step + 1, "global_step": global_step + 1})
+        self.metrics.write({"kind": "diverged", "epoch": v.epoch + 1, "step": v.step + 1, "global_step": v.global_step + 1, "why": v.why})
         self.metrics.close()
-        raise TrainingDiverged(f"loss is not finite at {where}; stopped ({good}; set train.nan_policy=skip to skip such steps)")
+        raise TrainingDiverged(f"{what} at {where}; stopped ({good}; set train.nan_policy=skip to skip such steps)")

@@ -20,7 +20,9 @@ def build_optimizer(model: nn.Module, cfg, lr: float) -> torch.optim.Optimizer:
         groups.append({"params": no_decay, "weight_decay": 0.0})
     if t.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=t.momentum, nesterov=t.nesterov and t.momentum > 0)
-    return torch.optim.AdamW(groups, lr=lr)
+    # capturable on CUDA: its step count lives on the device, so the non-finite guard needs no host read
+    on_cuda = any(p.is_cuda for g in groups for p in g["params"])
+    return torch.optim.AdamW(groups, lr=lr, capturable=on_cuda)
 
 
 def lr_factor(cfg, epoch_float: float) -> float:

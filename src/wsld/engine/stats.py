@@ -36,17 +36,27 @@ class EpochStats:
         self.wait = 0.0
         self.t0 = time.perf_counter()
 
-    def add(self, loss: Tensor, parts: dict[str, Tensor], y: Tensor) -> None:
+    def add(self, loss: Tensor, parts: dict[str, Tensor], y: Tensor, applied: Optional[Tensor] = None) -> None:
+        """Adds a step's values; ``applied`` (a 0-d bool on the device) masks out a step that was not
+        applied without the host reading it: ``n`` counts it until ``drop`` takes it back."""
         scalars = {"loss": loss, **{k: v for k, v in parts.items() if v.ndim == 0}}
         if not self.names:
             self.names = list(scalars)
             self.sums = torch.zeros(len(self.names), device=self.device, dtype=torch.float64)
-        self.sums += torch.stack([scalars[k].double() for k in self.names])
+        values = torch.stack([scalars[k].double() for k in self.names])
+        self.sums += values if applied is None else torch.where(applied, values, 0.0)
         self.n += 1
         sw = parts.get("sample_weight")
         if sw is not None and sw.ndim == 1:
-            self.class_w_sum.index_add_(0, y, sw.double())
-            self.class_n.index_add_(0, y, torch.ones_like(sw, dtype=torch.float64))
+            w, ones = sw.double(), torch.ones_like(sw, dtype=torch.float64)
+            if applied is not None:
+                w, ones = torch.where(applied, w, 0.0), ones * applied
+            self.class_w_sum.index_add_(0, y, w)
+            self.class_n.index_add_(0, y, ones)
+
+    def drop(self, steps: int) -> None:
+        """Take back ``steps`` steps that ``add`` counted but were not applied (known once read)."""
+        self.n -= steps
 
     def means(self, rt: Runtime) -> dict[str, float]:
         """Mean of each part over the window (and over the ranks)."""

@@ -1,9 +1,13 @@
-"""One optimisation step of the student: ``train_step``, the only place a step is written (the benchmarks call it too)."""
+"""One optimisation step of the student: ``train_step``, the only place a step is written (the benchmarks call it too).
+
+No host sync in a steady-state step: whether a step's loss and gradients were finite is decided on
+the device (``UpdateGuard``) and read by the loop once per log window (``engine.health``).
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Optional, Union
+from dataclasses import dataclass, field
+from typing import Any, Callable, NamedTuple, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -13,6 +17,9 @@ from wsld.data.batch import Batch
 from wsld.runtime import autocast
 from wsld.teachers.base import TeacherSource
 from wsld.teachers.live import LiveTeacher
+
+# a step's status (a 0-d int32 tensor on the device): why it was not applied, or APPLIED
+APPLIED, LOSS_NOT_FINITE, GRADS_NOT_FINITE, STAND_IN = 0, 1, 2, 3
 
 
 class BatchNormalizer:
@@ -38,12 +45,62 @@ class BatchNormalizer:
         return Batch(self(batch.images), batch.targets, batch.corrupt, batch.teacher_records)
 
 
+class UpdateGuard:
+    """Undoes, on the device, an update that should not have happened: the student's parameters,
+    buffers (BatchNorm statistics) and optimiser state are copied before the step and put
+    back with ``torch.where(skip, copy, new)`` after it, so the host never waits for the verdict.
+
+    Exact: a kept step is the plain step bit for bit, a skipped one leaves every tensor as it was.
+    Until the optimiser's state exists (its first step in this process, before a resume's state
+    is loaded) the state it creates could not be undone, so that step is decided on the host
+    (one read). The same holds where some state lives on another device than the parameters.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, model: nn.Module):
+        self.optimizer = optimizer
+        self.model = model
+        self.warm = len(optimizer.state) > 0  # a loaded (resumed) state: device decisions from the start
+        self._copies: list[Tensor] = []
+
+    def tensors(self) -> list[Tensor]:
+        """Everything an optimiser step (and the forward's BatchNorm) may change."""
+        out: list[Tensor] = []
+        seen: set[int] = set()
+        for g in self.optimizer.param_groups:
+            for p in g["params"]:
+                if id(p) in seen:
+                    continue
+                seen.add(id(p))
+                out.append(p.data)
+                out.extend(v for v in self.optimizer.state.get(p, {}).values() if isinstance(v, Tensor))
+        out.extend(b for b in self.model.buffers() if id(b) not in seen)
+        return out
+
+    def on_device(self, device: torch.device) -> bool:
+        """Whether the verdict can stay on ``device``: the state exists and lives there."""
+        return self.warm and all(t.device == device for t in self.tensors())
+
+    def save(self) -> None:
+        ts = self.tensors()
+        if len(self._copies) != len(ts) or any(c.shape != t.shape or c.dtype != t.dtype for c, t in zip(self._copies, ts)):
+            self._copies = [torch.empty_like(t) for t in ts]
+        torch._foreach_copy_(self._copies, ts)
+
+    def undo_where(self, skip: Tensor) -> None:
+        for t, c in zip(self.tensors(), self._copies):
+            torch.where(skip, c, t, out=t)
+
+
 @dataclass
 class StepContext:
     """Everything ``train_step`` needs besides the batch.
 
     ``teacher`` is a ``TeacherSource`` (a bare ``nn.Module`` is wrapped as a ``LiveTeacher`` that
     keeps the module's current BatchNorm mode), or None for a loss without a teacher.
+    ``check_finite``: a step whose loss or gradients are not finite (on any rank) is not applied
+    (``train_step``'s status says so); off, every step is applied (benchmarks measure its cost).
+    ``params_module`` is the module whose parameters the optimiser holds (the student, unwrapped),
+    when ``student`` is a wrapper (DDP, torch.compile).
     """
 
     student: nn.Module
@@ -54,34 +111,124 @@ class StepContext:
     amp_dtype: Optional[torch.dtype] = None
     grad_clip: float = 0.0
     check_finite: bool = True
+    params_module: Optional[nn.Module] = None
+    guard: Optional[UpdateGuard] = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.teacher, nn.Module):
             self.teacher = LiveTeacher(self.teacher, bn_mode=None, amp_dtype=self.amp_dtype)
+        if self.check_finite and self.guard is None:
+            self.guard = UpdateGuard(self.optimizer, self.params_module or self.student)
 
 
-def all_finite(loss: Tensor) -> bool:
-    """One host sync per step; under DDP every rank takes the same decision."""
-    ok = torch.isfinite(loss.detach()).to(torch.int32)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-    return bool(ok.item())
+class StepResult(NamedTuple):
+    """What a step leaves on the device: the loss, the loss's parts and the step's status
+    (0-d int32: ``APPLIED``, ``LOSS_NOT_FINITE``, ``GRADS_NOT_FINITE`` or ``STAND_IN``; None when
+    the context does not check). Nothing here has been read by the host."""
+
+    loss: Tensor
+    parts: dict[str, Tensor]
+    status: Optional[Tensor]
+    skipped_on_host: Optional[bool]  # the verdict where the host had to take it (the first step), else None
 
 
-def train_step(ctx: StepContext, images: Tensor, targets: Tensor, batch: Optional[Batch] = None) -> tuple[Optional[Tensor], dict[str, Tensor]]:
-    """One optimisation step of the student. Returns (loss, parts); loss is None if it was not
-    finite and the step was skipped (the caller decides what a non-finite loss means).
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _grads_not_finite(params: list[Tensor], device: torch.device) -> Tensor:
+    """1.0 when a gradient holds NaN/Inf (the kernel GradScaler uses; a scale of 1 leaves them as they are)."""
+    found = torch.zeros(1, device=device)
+    one = torch.ones(1, device=device)
+    by_dtype: dict[torch.dtype, list[Tensor]] = {}
+    for p in params:
+        if p.grad is not None:
+            by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
+    for grads in by_dtype.values():
+        torch._amp_foreach_non_finite_check_and_unscale_(grads, found, one)
+    return found[0] > 0
+
+
+def train_step(ctx: StepContext, images: Tensor, targets: Tensor, batch: Optional[Batch] = None,
+               stand_in: bool = False) -> StepResult:  # fmt: skip
+    """One optimisation step of the student, without a host sync once the optimiser's state exists.
 
     ``images`` are normalised and on the device; ``batch`` is the loader's batch they came from
-    (a stored-soft-label teacher reads its records from it)."""
-    teacher_logits = ctx.teacher.logits(images, batch) if ctx.teacher is not None else None
+    (a stored-soft-label teacher reads its records from it). ``stand_in``: this rank's own batch
+    was empty (every image corrupt) and ``images`` stand in for it under DDP, so the others need
+    not wait for a verdict: its gradients are poisoned with NaN, DDP's all-reduce spreads them,
+    and every rank skips the step. Non-finite losses are spread the same way (loss x NaN), so all
+    ranks take the same decision with no collective of their own."""
+    if ctx.check_finite and ctx.scaler is None:
+        ctx.guard.save()  # before the forward: it moves BatchNorm's running statistics
+    run_teacher = ctx.teacher is not None and not stand_in  # a stand-in has no teacher records: its step is discarded anyway
+    teacher_logits = ctx.teacher.logits(images, batch) if run_teacher else None
     with autocast(images.device, ctx.amp_dtype):
         student_logits = ctx.student(images)
+    if stand_in and ctx.teacher is not None:
+        teacher_logits = torch.zeros_like(student_logits)
     loss, parts = ctx.loss_fn(student_logits, teacher_logits, targets)
-    if ctx.check_finite and not all_finite(loss):
-        ctx.optimizer.zero_grad(set_to_none=True)
-        return None, parts
     ctx.optimizer.zero_grad(set_to_none=True)
+    if not ctx.check_finite:
+        _backward_and_step(ctx, loss)
+        return StepResult(loss.detach(), parts, None, None)
+    guard = ctx.guard
+    assert guard is not None
+    dev = loss.device
+    loss_bad = ~torch.isfinite(loss.detach())
+    if stand_in:
+        loss_bad = torch.ones_like(loss_bad)
+    # x1 (exact: the same gradients bit for bit) or x NaN (every gradient NaN, on every rank after DDP)
+    poisoned = loss * torch.where(loss_bad, torch.full_like(loss, float("nan")), torch.ones_like(loss))
+    params = [p for g in ctx.optimizer.param_groups for p in g["params"]]
+    if ctx.scaler is not None:
+        # fp16: GradScaler skips steps with inf gradients itself (overflow is normal there, not a
+        # divergence, and its step reads that verdict on the host): ours is the loss's, agreed by one
+        # small all-reduce
+        bad = loss_bad.to(torch.int32)
+        if _distributed():
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        ctx.scaler.scale(poisoned).backward()
+        if ctx.grad_clip > 0:
+            ctx.scaler.unscale_(ctx.optimizer)
+            nn.utils.clip_grad_norm_(params, ctx.grad_clip)
+        ctx.scaler.step(ctx.optimizer)  # skipped by the scaler when the (poisoned) gradients are not finite
+        ctx.scaler.update()
+        status = torch.where(bad > 0, LOSS_NOT_FINITE, APPLIED).to(torch.int32)
+        return StepResult(loss.detach(), parts, _stand_in(status, stand_in), None)
+    poisoned.backward()
+    if ctx.grad_clip > 0:
+        grads_bad = ~torch.isfinite(nn.utils.clip_grad_norm_(params, ctx.grad_clip))
+    else:
+        grads_bad = _grads_not_finite(params, dev)
+    status = torch.where(grads_bad, torch.where(loss_bad, LOSS_NOT_FINITE, GRADS_NOT_FINITE), APPLIED).to(torch.int32)
+    status = _stand_in(status, stand_in)
+    if guard.on_device(dev):
+        ctx.optimizer.step()
+        guard.undo_where(grads_bad)
+        return StepResult(loss.detach(), parts, status, None)
+    skipped = bool(grads_bad)  # the one host decision: the optimiser's state does not exist yet
+    if skipped:
+        guard.undo_where(grads_bad)  # the forward's BatchNorm statistics
+    else:
+        ctx.optimizer.step()
+        guard.warm = True
+    return StepResult(loss.detach(), parts, status, skipped)
+
+
+def stand_in_inputs(info: Any, device: torch.device, channels_last: bool) -> tuple[Tensor, Tensor]:
+    """Images and targets that stand in for a rank's empty batch under DDP (``info``: the data's
+    ``DataInfo``); ``train_step(..., stand_in=True)`` discards the step on every rank."""
+    x = torch.zeros((2, info.in_channels, info.image_size, info.image_size), device=device)
+    x = x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    return x, torch.zeros(2, dtype=torch.int64, device=device)
+
+
+def _stand_in(status: Tensor, stand_in: bool) -> Tensor:
+    return torch.full_like(status, STAND_IN) if stand_in else status
+
+
+def _backward_and_step(ctx: StepContext, loss: Tensor) -> None:
     if ctx.scaler is not None:
         ctx.scaler.scale(loss).backward()
         if ctx.grad_clip > 0:
@@ -94,4 +241,37 @@ def train_step(ctx: StepContext, images: Tensor, targets: Tensor, batch: Optiona
         if ctx.grad_clip > 0:
             nn.utils.clip_grad_norm_(ctx.student.parameters(), ctx.grad_clip)
         ctx.optimizer.step()
-    return loss.detach(), parts
+
+
+@torch.no_grad()
+def update_ema(ema: nn.Module, model: nn.Module, decay: float, result: StepResult) -> None:
+    """``AveragedModel.update_parameters`` with ``get_ema_multi_avg_fn(decay)`` and ``use_buffers=True``,
+    the same arithmetic, without its host syncs, and left undone where the step was not applied
+    (``result.status`` on the device). ``ema`` is the AveragedModel; its ``n_averaged`` (a CPU tensor)
+    counts every call: the loop takes the skipped steps back off once it has read them."""
+    if result.skipped_on_host:
+        ema.n_averaged += 1  # counted like the others: the loop takes every step not applied back off
+        return
+    ema_t = [*ema.module.parameters(), *ema.module.buffers()]
+    cur_t = [t.detach() for t in (*model.parameters(), *model.buffers())]
+    skip = result.status != APPLIED if result.status is not None else None
+    if int(ema.n_averaged) == 0:  # the first update copies (a CPU tensor: no device sync)
+        for e, c in zip(ema_t, cur_t):
+            e.detach().copy_(c if skip is None else torch.where(skip, e, c))
+    else:
+        copies = [e.detach().clone() for e in ema_t] if skip is not None else []
+        floats = [(e.detach(), c) for e, c in zip(ema_t, cur_t) if e.is_floating_point()]
+        by_dtype: dict[torch.dtype, tuple[list[Tensor], list[Tensor]]] = {}
+        for e, c in floats:
+            es, cs = by_dtype.setdefault(e.dtype, ([], []))
+            es.append(e)
+            cs.append(c)
+        for es, cs in by_dtype.values():
+            torch._foreach_lerp_(es, cs, 1 - decay)
+        for e, c in zip(ema_t, cur_t):
+            if not e.is_floating_point():
+                e.detach().copy_(e * decay + c * (1 - decay))
+        if skip is not None:
+            for e, old in zip(ema_t, copies):
+                torch.where(skip, old, e.detach(), out=e.detach())
+    ema.n_averaged += 1

@@ -18,7 +18,7 @@ from wsld.data.lmdb_files import first_line, no_space, reading
 from wsld.data.sampling import sample_seed
 from wsld.out_folder import LOCK_NAME, TakenFolder, take_folder
 from wsld.errors import DataError, UserError
-from wsld.runtime import Runtime, amp_dtype_for, autocast, broadcast_object, seed_everything, set_cpu_threads, use_channels_last
+from wsld.runtime import Runtime, amp_dtype_for, autocast, broadcast_object, compile_module, seed_everything, set_cpu_threads, use_channels_last
 from wsld.soft_labels.crops import CropRecorder, is_sample
 from wsld.soft_labels.store import (
     COMPLETE_KEY, FINISH_HINT, FORMAT, FORMAT_VERSION, IDENTITY_KEYS, META_KEY, PRECISIONS, REMAKE_HINT, crop_data_config, encode_value,
@@ -256,6 +256,7 @@ def _make(cfg, out: Path, crops: int, topk: int, precision: str, batch_size: Opt
     channels_last = use_channels_last(cfg.model.channels_last, dev)
     teacher.to(dev, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     set_teacher_bn_mode(teacher, "eval")
+    forward = compile_module(teacher) if cfg.model.compile else teacher
     amp = amp_dtype_for(cfg.train.amp, dev)
     normalize = BatchNormalizer(info.mean, info.std, dev, channels_last)
     n = len(train_ds)
@@ -297,7 +298,7 @@ def _make(cfg, out: Path, crops: int, topk: int, precision: str, batch_size: Opt
         with torch.no_grad():
             for r in range(rounds):
                 items = next(loader) if r < len(mine) else []
-                part = crop_records(items, teacher, normalize, dev, amp, crops, topk, precision, train_ds)
+                part = crop_records(items, forward, normalize, dev, amp, crops, topk, precision, train_ds)
                 parts: list[Any] = [part]
                 if rt.distributed:
                     parts = [None] * rt.world_size

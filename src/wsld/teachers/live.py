@@ -39,7 +39,7 @@ class LiveTeacher:
         self.weights = weights
         self.bn_mode = bn_mode
         self.amp_dtype = amp_dtype
-        self.forward = forward or model
+        self.forward = forward if forward is not None else model  # not `or`: a compiled module has no len()
         if bn_mode is not None:  # None: keep the module's current mode (a caller that set it already)
             set_teacher_bn_mode(model, bn_mode)
 

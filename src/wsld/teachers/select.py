@@ -9,7 +9,7 @@ import torch
 from wsld.config import Config
 from wsld.data import DataInfo
 from wsld.models import build_model
-from wsld.runtime import Runtime, amp_dtype_for, use_channels_last
+from wsld.runtime import Runtime, amp_dtype_for, compile_module, use_channels_last
 from wsld.teachers.base import TeacherSource
 from wsld.teachers.live import LiveTeacher
 from wsld.teachers.training import ensure_teacher
@@ -30,7 +30,7 @@ def open_teacher_source(cfg: Config, rt: Runtime, info: DataInfo, log: Callable[
     )  # fmt: skip
     mf = torch.channels_last if use_channels_last(cfg.model.channels_last, rt.device) else torch.contiguous_format
     model.to(rt.device, memory_format=mf)
-    forward = torch.compile(model) if cfg.model.compile else model
+    forward = compile_module(model) if cfg.model.compile else model
     return LiveTeacher(
         model, name=cfg.model.teacher, weights=weights, bn_mode=cfg.model.teacher_bn_mode,
         amp_dtype=amp_dtype_for(cfg.train.amp, rt.device), forward=forward,
