@@ -57,7 +57,7 @@ def finite(state: dict) -> bool:
 def test_divergence_stops_with_the_step_and_the_last_good_checkpoint(tmp_path, capsys, teacher_cache):
     """A huge learning rate makes the loss overflow after a few steps (a real divergence, no hook)."""
     run = tmp_path / "run"
-    rc, err = wsld(capsys, "train", *WSLD_TINY, teacher_cache, "train.lr=1e6", "checkpoint.every_steps=1", "--out", run)
+    rc, err = wsld(capsys, "train", *WSLD_TINY, teacher_cache, "train.lr=1e4", "checkpoint.every_steps=1", "--out", run)
     assert rc == 3
     line = error_line(err)
     assert "loss is not finite at epoch 1, step" in line and f"last good checkpoint: {run / 'last.pt'}" in line
@@ -95,7 +95,7 @@ def test_inf_in_the_student_weights_stops_at_step_1_and_writes_no_checkpoint(tmp
 def test_nan_policy_skip_skips_the_steps_and_finishes_with_finite_weights(tmp_path, capsys, teacher_cache):
     run = tmp_path / "run"
     rc, err = wsld(
-        capsys, "train", *CE_TINY, teacher_cache, "train.lr=1e6", "train.nan_policy=skip", "checkpoint.every_steps=1",
+        capsys, "train", *CE_TINY, teacher_cache, "train.lr=1e4", "train.nan_policy=skip", "checkpoint.every_steps=1",
         "--out", run,
     )  # fmt: skip
     assert rc == 0, err
