@@ -24,11 +24,11 @@ $(FMNIST):
 		echo "Fashion-MNIST not found at $(FMNIST): see README (set data.data_path to a folder with the 4 IDX files)"; exit 1; \
 	fi
 
-# the main job: the reference comparison (teacher / CE / KD / WSLD / WSLD with weights fixed at 1) on
-# the built-in Fashion-MNIST, balanced, long-tailed and small-data, 3 seeds, report in runs/demo
-# (about half an hour on 2 CPU cores; docs/demo.md has the measured time)
+# the main job: `wsld compare` on the built-in Fashion-MNIST (teacher / CE / KD / WSLD / WSLD with weights
+# fixed at 1, every value searched on held-out training images, 3 seeds), report in runs/demo; extra
+# arguments pass through: make demo ARGS=--quick (a pipeline check, in runs/demo-quick), ARGS="--out runs/demo2"
 demo: venv data
-	$(BIN)/wsld demo
+	$(BIN)/wsld demo $(ARGS)
 
 # the built-in default run alone: WSLD on Fashion-MNIST, and the same student alone (CE) beside it
 train: venv data

@@ -1,4 +1,4 @@
-"""Command line: ``wsld train | eval | data ... | demo | soft-labels | export``.
+"""Command line: ``wsld train | eval | data ... | compare | demo | soft-labels | export``.
 
 Each sub-command lives in its own module exposing ``add_parser(subparsers)``; the parser's
 ``func(args) -> int`` runs it. A ``UserError`` anywhere becomes one line on stderr and exit 2.
@@ -20,6 +20,7 @@ COMMAND_MODULES = [
     "wsld.commands.train",
     "wsld.commands.evaluate",
     "wsld.commands.data",
+    "wsld.commands.compare",
     "wsld.commands.demo",
     "wsld.commands.soft_labels",
     "wsld.commands.export",

@@ -55,6 +55,9 @@ class DataConfig:
     mean: Optional[list[float]] = None  # None: the dataset's own statistics
     std: Optional[list[float]] = None
     long_tail_ratio: float = 1.0  # > 1: exponentially imbalanced train split, n_max / n_min
+    # > 0: this share of each class's training images (a fixed draw) is held out and becomes the val
+    # split, with val transforms; the run trains on the rest and never reads data.val_split (wsld compare's searches)
+    holdout: float = 0.0
     on_corrupt: str = "skip"  # skip | stop: what a corrupt image met in training does
     # reference-tool LMDBs: folders = label by sorted class folders of the datalist (torchvision teachers'
     # order); stored = the labels stored in the values (for a teacher trained on them)
@@ -302,6 +305,7 @@ def _check_numbers(cfg: Config) -> None:
     _require("train.ema_decay", t.ema_decay, 0 <= t.ema_decay < 1, "in [0, 1) (0 turns EMA off)")
     _require("data.min_scale", d.min_scale, 0 < d.min_scale <= 1, "in (0, 1]")
     _require("data.long_tail_ratio", d.long_tail_ratio, d.long_tail_ratio >= 1, ">= 1 (1 = balanced)")
+    _require("data.holdout", d.holdout, 0 <= d.holdout < 1, "in [0, 1) (0: train on the whole training split)")
     _require("train.milestones", t.milestones, all(m >= 1 for m in t.milestones), "epochs >= 1")
     for key, v in [("data.mean", d.mean), ("data.std", d.std)]:
         _require(key, v, v is None or len(v) in (1, 3), "1 or 3 values")

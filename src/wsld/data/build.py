@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 from torch.utils.data import Dataset, Subset
 
@@ -26,6 +28,21 @@ def long_tail_indices(targets: list[int], num_classes: int, ratio: float, seed: 
     return sorted(keep)
 
 
+def holdout_split(targets: list[int], num_classes: int, share: float, seed: int = 0) -> tuple[list[int], list[int]]:
+    """(kept, held out) positions: per class ``round(share * n)`` images drawn at random (at least 1, and
+    at least 1 left to train on, for a class of 2 or more), the same draw whatever the run's seed."""
+    t = np.asarray(targets)
+    rng = np.random.default_rng(seed)
+    held: list[int] = []
+    for k in range(num_classes):
+        idx = np.flatnonzero(t == k)
+        n = len(idx)
+        n_held = min(max(1, round(share * n)), n - 1) if n >= 2 else 0
+        held.extend(rng.permutation(idx)[:n_held].tolist())
+    held_set = set(held)
+    return [i for i in range(len(t)) if i not in held_set], sorted(held)
+
+
 class SubsetWithTargets(Subset):
     """A Subset that keeps ``targets``/``classes`` and passes ``(index, seed)`` keys through."""
 
@@ -44,18 +61,23 @@ class SubsetWithTargets(Subset):
 
 
 def build_datasets(cfg, seed: int = 0) -> tuple[Dataset, Dataset, DataInfo]:
-    """Train and val datasets for a ``DataConfig``; the single entry point the engine uses."""
+    """Train and val datasets for a ``DataConfig``; the single entry point the engine uses.
+
+    With ``data.holdout`` the val split is not read: "val" is the training split through the val
+    transforms, cut to the held-out images below.
+    """
+    val_split = cfg.train_split if cfg.holdout > 0 else cfg.val_split
     if cfg.format == "builtin":
         from wsld.data.builtin import build_builtin
 
         train, spec = build_builtin(cfg.dataset, cfg.train_split, cfg.data_path, True, cfg.augment, cfg.hflip)
-        val, _ = build_builtin(cfg.dataset, cfg.val_split, cfg.data_path, False, False, False)
+        val, _ = build_builtin(cfg.dataset, val_split, cfg.data_path, False, False, False)
         in_channels, size = int(train.images.shape[1]), int(train.images.shape[-1])
         mean, std = spec["mean"], spec["std"]
     else:
         from wsld.data.datasets import build_image_datasets
 
-        train, val = build_image_datasets(cfg)
+        train, val = build_image_datasets(dataclasses.replace(cfg, val_split=val_split))
         in_channels, size = 3, cfg.image_size
         mean, std = IMAGENET_MEAN, IMAGENET_STD
     classes = list(train.classes)
@@ -68,8 +90,14 @@ def build_datasets(cfg, seed: int = 0) -> tuple[Dataset, Dataset, DataInfo]:
             raise DataError(
                 f"{name} split has label {max(bad)} but only {num_classes} classes (labels must be 0..{num_classes - 1})"
             )
+    base = list(range(len(train)))
     if cfg.long_tail_ratio > 1:
-        train = SubsetWithTargets(train, long_tail_indices(train.targets, num_classes, cfg.long_tail_ratio, seed=0))
+        base = long_tail_indices(train.targets, num_classes, cfg.long_tail_ratio, seed=0)
+    if cfg.holdout > 0:  # val: the held-out training images (through the val transforms)
+        kept, held = holdout_split([train.targets[i] for i in base], num_classes, cfg.holdout)
+        train, val = SubsetWithTargets(train, [base[i] for i in kept]), SubsetWithTargets(val, [base[i] for i in held])
+    elif cfg.long_tail_ratio > 1:
+        train = SubsetWithTargets(train, base)
     mean = list(cfg.mean) if cfg.mean is not None else list(mean)
     std = list(cfg.std) if cfg.std is not None else list(std)
     for key, values in (("data.mean", mean), ("data.std", std)):

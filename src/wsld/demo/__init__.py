@@ -1,6 +1,7 @@
-"""``wsld demo``: the reference comparison (teacher / CE / KD / WSLD / WSLD with weights fixed at 1) on Fashion-MNIST, as a package.
+"""``wsld compare`` and ``wsld demo`` (``wsld compare`` on the built-in Fashion-MNIST), as a package.
 
-``plan`` (settings, rows, every run's config), ``data`` (IDX subsets), ``runner`` (processes in
-dependency order), ``collect`` (results.json), ``stats`` (mean ± std, paired 95% CIs), ``plots``,
-``report`` and ``pipeline`` (the command from start to end). See docs/demo.md.
+``plan`` (rows, settings, every run's config), ``search`` (the bracketing grids), ``estimate`` (the time
+printed first), ``data`` (IDX subsets), ``runner`` (processes in dependency order), ``collect``
+(results.json), ``stats`` (mean ± std, paired 95% CIs), ``plots``, ``report`` and ``pipeline`` (the
+command from start to end). See docs/compare.md and docs/demo.md.
 """

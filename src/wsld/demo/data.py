@@ -1,4 +1,4 @@
-"""The demo's data: Fashion-MNIST subsets (small-data, search with held-out training images) written as IDX files for the built-in loader."""
+"""Fashion-MNIST subsets written as IDX files for the built-in loader (``wsld demo --quick``'s small data)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
-from wsld.demo.plan import DataPaths, Settings
 
 # the built-in loader's file names (wsld.data.builtin) for its two splits
 IDX_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
@@ -58,19 +57,3 @@ def write_idx_subset(root: Path, plan: SplitPlan, source: Optional[str], log: Ca
     os.replace(tmp, root)
     log(f"wrote {root} ({', '.join(counts)} images, {time.perf_counter() - t0:.1f} s)")
     return root
-
-
-def prepare_data(data: Path, s: Settings, log: Callable[[str], None]) -> DataPaths:
-    """The IDX folders of the demo: the whole set (or its first N per class), the small-data split
-    and the search split (the small-data training images; val = the next held-out training images)."""
-    n, v = s.train_per_class, s.val_per_class
-    full: Optional[str] = s.source
-    if n is not None or v is not None:
-        full = str(write_idx_subset(data / f"fashion-mnist-{n or 'all'}-{v or 'all'}",
-                                    {"train": ("train", 0, n), "val": ("val", 0, v)}, s.source, log))  # fmt: skip
-    k, h = s.small_per_class, s.heldout_per_class
-    small = write_idx_subset(data / f"small-{k}-test-{v or 'all'}", {"train": ("train", 0, k), "val": ("val", 0, v)},
-                             s.source, log)
-    search = write_idx_subset(data / f"search-{k}-heldout-{h}", {"train": ("train", 0, k), "val": ("train", k, h)},
-                              s.source, log)
-    return DataPaths(full, str(small.resolve()), str(search.resolve()))

@@ -1,106 +1,87 @@
-"""The demo's settings and its runs: one config each (teachers, soft-label stores, search, students), their order and the search's choice."""
+"""The runs of ``wsld compare``: its rows, settings, every run's config (teacher, soft-label store, search, final) and the run folder's state."""
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from wsld.demo.search import Dim, Point
 from wsld.errors import UserError
-
-TEACHER, STUDENT = "cifar_resnet20_s2", "cifar_resnet8_s2"  # pre-registered in docs/demo.md
-REGIMES = ("balanced", "long-tail", "small-data")
-LONG_TAIL_RATIO = 100.0
-TEACHER_LR = 0.1  # per 256 images, like every rate here; scaled linearly with the batch
 
 
 @dataclass(frozen=True)
 class Row:
-    """One row of the table: a loss with its fixed values and its search grid of (lr, T)."""
+    """One row of the table: a loss, its fixed parameters and the parameter searched besides lr (and T)."""
 
     key: str  # run-name part and results key
     name: str  # the row's name in the tables
     loss: str  # distill.loss
-    alpha: Optional[float]  # distill.alpha; None: the loss has none (ce, dist), the pinned unused 0.9 is written
-    params: dict = field(default_factory=dict)  # distill.params
-    grid: tuple = ()  # (lr, T or None), in tie-break order
-    warmup_share: float = 0.0  # > 0: distill.params.warmup_epochs = this share of the run's epochs (dkd)
+    params: dict = field(default_factory=dict)  # fixed values in distill.params.<loss>
+    weight: Optional[str] = None  # the loss parameter searched (None: none)
+    complement: bool = False  # search 1 - weight on the log grid (KD's alpha in [0, 1])
+    like: Optional[str] = None  # take the start values of this row's loss section (wsld_w1: wsld's)
 
     @property
     def distilled(self) -> bool:
         return self.loss != "ce"
 
 
-def _distill_grid(first_t: float, other_t: float) -> tuple:
-    """2 rates x 2 temperatures, the recipe's T first (the first point wins ties)."""
-    return tuple((lr, t) for t in (first_t, other_t) for lr in (0.05, 0.1))
-
-
-DKD_WARMUP_SHARE = 20 / 240  # the paper's CIFAR-100 warm-up, 20 of 240 epochs, kept as a share of the run (docs/demo.md)
-ROWS = (  # every row the demo can run, in table order
-    Row("ce", "Original (CE)", "ce", None, {}, tuple((lr, None) for lr in (0.025, 0.05, 0.1, 0.2))),
-    Row("kd", "KD (alpha 0.9)", "kd", 0.9, {}, _distill_grid(4.0, 2.0)),
-    Row("wsld", "WSLD (alpha 2.5)", "wsld", 2.5, {}, _distill_grid(2.0, 4.0)),
-    Row("wsld_w1", "WSLD, weights fixed at 1 (alpha 2.5)", "wsld", 2.5, {"weighting": "off"}, _distill_grid(2.0, 4.0)),
-    Row("dkd", "DKD (alpha 1, beta 8)", "dkd", 1.0, {"beta": 8.0, "ce_weight": 1.0}, _distill_grid(4.0, 2.0),
-        warmup_share=DKD_WARMUP_SHARE),
-    Row("dist", "DIST (beta 1, gamma 1, weight 2)", "dist", None, {"beta": 1.0, "gamma": 1.0, "weight": 2.0},
-        _distill_grid(1.0, 4.0)),
+ROWS = (  # every row compare can run, in table order
+    Row("ce", "student alone (CE)", "ce"),
+    Row("kd", "KD", "kd", weight="alpha", complement=True),
+    Row("wsld", "WSLD", "wsld", {"weighting": "on"}, weight="alpha"),
+    Row("wsld_w1", "WSLD, weights fixed at 1", "wsld", {"weighting": "off"}, weight="alpha", like="wsld"),
+    Row("dkd", "DKD", "dkd", weight="beta"),
+    Row("dist", "DIST", "dist", weight="weight"),
 )
 ROW_BY_KEY = {r.key: r for r in ROWS}
-DEFAULT_ROWS = ("ce", "kd", "wsld", "wsld_w1")  # the pre-registered comparison (docs/demo.md)
-ALWAYS_ROWS = ("ce", "wsld")  # every paired difference is WSLD minus another row; the teacher's gap is against CE
+DEFAULT_ROWS = ("ce", "kd", "wsld", "wsld_w1")
 SHORT_NAMES = {"teacher": "teacher", "ce": "CE", "kd": "KD", "wsld": "WSLD", "wsld_w1": "WSLD (w = 1)", "dkd": "DKD",
                "dist": "DIST"}  # fmt: skip
 COLORS = {"teacher": "#555555", "ce": "#1f77b4", "kd": "#ff7f0e", "wsld": "#2ca02c", "wsld_w1": "#9467bd",
           "dkd": "#d62728", "dist": "#8c564b"}  # fmt: skip
-COMPARISONS = (("wsld", "ce"), ("wsld", "kd"), ("wsld", "wsld_w1"), ("wsld", "dkd"), ("wsld", "dist"))  # first minus second
-
-
-def comparisons(rows: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
-    """The paired differences among the rows that ran, in ``COMPARISONS`` order."""
-    return tuple((a, b) for a, b in COMPARISONS if a in rows and b in rows)
+DKD_WARMUP_SHARE = 20 / 240  # DKD's CIFAR-100 warm-up (20 of 240 epochs), kept as a share of the run
+STORE_LIMIT_BYTES = 2 * 1024**3  # an exact soft-label store above this: the teacher runs online instead
+SEARCH_SEED = 0
 
 
 @dataclass
 class Settings:
-    """Everything that shapes the demo's runs; the full and the quick demo differ only here."""
+    """Everything that shapes a comparison's runs (recorded in OUT/compare.json; jobs/threads/progress are not)."""
 
+    config: Optional[str]  # the base config file (None: the built-in defaults)
+    overrides: tuple[str, ...] = ()
+    rows: tuple[str, ...] = DEFAULT_ROWS
     seeds: int = 3
-    regimes: tuple[str, ...] = REGIMES
-    epochs: dict = field(default_factory=lambda: {"balanced": 3, "long-tail": 6, "small-data": 10})
-    teacher_epochs: dict = field(default_factory=lambda: {"balanced": 4, "long-tail": 6, "small-data": 10})
-    train_per_class: Optional[int] = None  # None: all 6,000 training images per class
-    val_per_class: Optional[int] = None  # None: all 1,000 test images per class
-    small_per_class: int = 600  # small-data training split = the search's training split
-    heldout_per_class: int = 500  # the search's held-out training images per class
-    batch_size: int = 128
-    jobs: int = 2
+    epochs: Optional[int] = None  # student epochs (None: the config's train.epochs)
+    teacher_epochs: Optional[int] = None  # teacher epochs (None: the config's teacher_train.epochs)
+    budget: float = 1.0  # multiplies every run's epochs
+    holdout: float = 0.1  # share of each class's training images held out for every choice
+    limit: int = 3  # points a dimension's grid may add beyond its first three
+    search: bool = True  # False: --no-search (the config's and the losses' published values)
+    jobs: int = 1
     threads: int = 1
-    quick: bool = False
-    source: Optional[str] = None  # folder with the Fashion-MNIST IDX files (None: the system location)
-    rows: tuple[str, ...] = DEFAULT_ROWS  # Row keys, in ROWS order
 
-    @property
-    def search_epochs(self) -> int:
-        return self.epochs["small-data"]
+    def identity(self) -> dict[str, Any]:
+        """What must match for an existing run folder to be continued."""
+        return {"config": self.config, "overrides": list(self.overrides), "rows": list(self.rows), "seeds": self.seeds,
+                "epochs": self.epochs, "teacher_epochs": self.teacher_epochs, "budget": self.budget,
+                "holdout": self.holdout, "limit": self.limit, "search": self.search}  # fmt: skip
 
     @property
     def chosen_rows(self) -> tuple[Row, ...]:
         return tuple(ROW_BY_KEY[k] for k in self.rows)
 
 
-QUICK = dict(seeds=1, epochs={r: 1 for r in REGIMES}, teacher_epochs={r: 2 for r in REGIMES}, train_per_class=200,
-             val_per_class=200, small_per_class=50, heldout_per_class=50)  # fmt: skip
-
-
 @dataclass
 class RunSpec:
-    """One planned process: a ``wsld train`` run (teacher, search or student) or a ``wsld soft-labels`` store."""
+    """One planned process: a ``wsld train`` run (teacher, search or final student) or a ``wsld soft-labels`` store."""
 
     name: str
-    regime: str  # "search" for the search runs
+    phase: str  # "search" or "final"
     row: str  # "teacher", "store" or a Row key
     seed: int
     config: Any  # wsld.config.Config
@@ -108,11 +89,12 @@ class RunSpec:
     run_dir: Path
     log_path: Path
     deps: list[str] = field(default_factory=list)
-    cost: float = 1.0  # relative CPU cost, for the progress bar's ETA
+    cost: float = 1.0  # CPU seconds (estimated), for the progress bar's ETA
     steps_total: int = 1
     crops: int = 0  # stores: crops per image
-    grid: tuple = ()  # search runs: (lr, T)
-
+    point: Optional[Point] = None  # search runs: the values tried
+    what: str = ""  # one line for the config file's header
+    crops_topk: int = 10  # stores: classes stored per crop (all of them: exact)
     @property
     def is_store(self) -> bool:
         return self.row == "store"
@@ -122,192 +104,163 @@ class RunSpec:
         return self.run_dir.with_name(self.run_dir.name + ".done") if self.is_store else self.run_dir / "summary.json"
 
     def argv(self, state: str) -> list[str]:
-        """The ``wsld`` arguments of this run (progress bars off: the demo shows its own)."""
+        """The ``wsld`` arguments of this run (progress bars off: compare shows its own)."""
         if self.is_store:
-            return ["soft-labels", str(self.config_path), "--crops", str(self.crops), "--topk", "10",
+            classes = self.crops_topk
+            return ["soft-labels", str(self.config_path), "--crops", str(self.crops), "--topk", str(classes),
                     "--precision", "float32", "--out", str(self.run_dir)]  # fmt: skip
         if state == "resume":
             return ["train", str(self.config_path), "--resume", str(self.run_dir), "train.progress=false"]
         return ["train", str(self.config_path), "--out", str(self.run_dir), "train.progress=false"]
 
 
-@dataclass
-class DataPaths:
-    """The IDX folders of the runs: ``full`` (None: the system location), ``small`` and ``search``."""
-
-    full: Optional[str]
-    small: str
-    search: str
+def scaled(epochs: int, budget: float) -> int:
+    return max(1, int(round(epochs * budget)))
 
 
-def run_config(s: Settings, data_path: Optional[str], regime: str, row: str, seed: int, epochs: int, lr: float,
-               T: Optional[float] = None, teacher_weights: Optional[Path] = None,
-               soft_labels: Optional[Path] = None) -> Any:
-    """The full config of one run: one recipe for every row, only ``distill`` (and the lr) differs."""
+def student_epochs(base: Any, s: Settings) -> int:
+    return scaled(s.epochs if s.epochs is not None else base.train.epochs, s.budget)
+
+
+def teacher_epochs(base: Any, s: Settings) -> int:
+    return scaled(s.teacher_epochs if s.teacher_epochs is not None else base.teacher_train.epochs, s.budget)
+
+
+def start_values(base: Any, row: Row) -> dict[str, float]:
+    """A row's values before any search: lr and T from the config, the loss's parameters from the
+    config's section for that loss if it has one, else the loss's published defaults."""
+    from wsld.losses.registry import resolve_loss_params
+
+    values = {"lr": float(base.train.lr)}
+    if row.distilled:
+        values["T"] = float(base.distill.T)
+        section = (base.distill.params or {}).get(row.like or row.loss)
+        params = resolve_loss_params(row.loss, {row.loss: dict(section or {})})[row.loss]
+        if row.weight:
+            values[row.weight] = float(params[row.weight])
+    return values
+
+
+def row_dims(base: Any, row: Row) -> tuple[Dim, ...]:
+    """The searched dimensions of a row, in search order: lr, then T and the loss's weight."""
+    v = start_values(base, row)
+    dims = [Dim("lr", v["lr"], 2.0, low=0.0)]
+    if row.distilled:
+        dims.append(Dim("T", v["T"], 2.0, low=0.0))
+        if row.weight:
+            dims.append(Dim(row.weight, v[row.weight], 2.0, low=0.0, complement=row.complement))
+    return tuple(dims)
+
+
+def teacher_dims(base: Any) -> tuple[Dim, ...]:
+    return (Dim("lr", float(base.teacher_train.lr), 2.0, low=0.0),)
+
+
+def _validated(d: dict) -> Any:
     from wsld.config import config_from_dict, validate
 
-    r = ROW_BY_KEY.get(row)
-    distill: dict = {"loss": "ce", "T": 4.0, "alpha": 0.9}
-    if r is not None and r.distilled:
-        params = dict(r.params)
-        if r.warmup_share > 0:
-            params["warmup_epochs"] = r.warmup_share * epochs
-        distill = {"loss": r.loss, "T": T, "alpha": r.alpha if r.alpha is not None else distill["alpha"],
-                   "params": params, "soft_labels": str(soft_labels.resolve()) if soft_labels else None}  # fmt: skip
-    d = {
-        "data": {"dataset": "fashion-mnist", "format": "builtin", "data_path": data_path, "batch_size": s.batch_size,
-                 "val_batch_size": 500, "workers": 0, "augment": True, "hflip": True,
-                 "long_tail_ratio": LONG_TAIL_RATIO if regime == "long-tail" else 1.0},
-        "model": {"teacher": TEACHER, "student": TEACHER if row in ("teacher", "store") else STUDENT,
-                  "teacher_weights": str(teacher_weights.resolve()) if teacher_weights else None,
-                  "teacher_bn_mode": "eval", "channels_last": True},
-        "distill": distill,
-        "train": {"epochs": epochs, "lr": lr, "base_batch_size": 256, "optimizer": "sgd", "momentum": 0.9,
-                  "nesterov": True, "weight_decay": 5e-4, "schedule": "cosine", "warmup_epochs": 0.0, "amp": "off",
-                  "seed": seed, "log_every": 25, "progress": True},
-        # unused (teachers are their own runs, given as weights); pinned so that a new built-in
-        # default does not make finished demo runs look like runs of other settings
-        "teacher_train": {"epochs": 4, "lr": 0.1, "weight_decay": 5e-4, "schedule": "cosine"},
-        "checkpoint": {"every_steps": 100},
-    }  # fmt: skip
     cfg = config_from_dict(d)
     validate(cfg)
     return cfg
 
 
-def train_counts(cfg: Any) -> tuple[list[int], int]:
-    """Training images per class (after the long-tail cut) and the val size, as the engine sees them."""
+def teacher_config(base: Any, s: Settings, lr: float, holdout: float) -> Any:
+    """The teacher as its own CE run: the config's teacher model, teacher_train recipe, seed 0."""
+    from wsld.config import to_dict
+
+    d = copy.deepcopy(to_dict(base))
+    d["model"].update(student=base.model.teacher, student_weights=None, teacher_weights=None)
+    d["distill"].update(loss="ce", params={}, soft_labels=None)
+    d["data"]["holdout"] = holdout
+    tt = base.teacher_train
+    d["train"].update(epochs=teacher_epochs(base, s), lr=lr, weight_decay=tt.weight_decay, schedule=tt.schedule,
+                      seed=SEARCH_SEED)  # fmt: skip
+    return _validated(d)
+
+
+def student_config(base: Any, s: Settings, row: Row, values: dict[str, float], seed: int, holdout: float,
+                   teacher: Optional[str], store: Optional[Path]) -> Any:
+    """One row's run: the config with only the loss, its values, the seed and the split changed."""
+    from wsld.config import to_dict
+    from wsld.losses.registry import resolve_loss_params
+
+    d = copy.deepcopy(to_dict(base))
+    epochs = student_epochs(base, s)
+    d["data"]["holdout"] = holdout
+    d["train"].update(epochs=epochs, lr=values["lr"], seed=seed)
+    if row.distilled:
+        section = dict((base.distill.params or {}).get(row.like or row.loss) or {})
+        section.update(row.params)
+        if row.weight:
+            section[row.weight] = values[row.weight]
+        if row.loss == "dkd" and base.distill.loss != "dkd":
+            section["warmup_epochs"] = round(DKD_WARMUP_SHARE * epochs, 4)
+        d["distill"].update(loss=row.loss, T=values["T"], params=resolve_loss_params(row.loss, {row.loss: section}),
+                            soft_labels=str(store) if store else None)  # fmt: skip
+        d["model"]["teacher_weights"] = teacher
+    else:
+        d["distill"].update(loss="ce", params={}, soft_labels=None)
+    return _validated(d)
+
+
+def store_config(student_cfg: Any) -> Any:
+    """A soft-label store's config: the student run's (same data, split, seed and crops), no store."""
+    from wsld.config import to_dict
+
+    d = copy.deepcopy(to_dict(student_cfg))
+    d["distill"]["soft_labels"] = None
+    return _validated(d)
+
+
+def split_sizes(base: Any, holdout: float) -> tuple[list[int], int]:
+    """Training images per class and the val size, as the engine sees them for ``data.holdout=holdout``."""
     from wsld.data.build import build_datasets
 
-    train, val, info = build_datasets(cfg.data, seed=cfg.train.seed)
+    data = copy.deepcopy(base.data)
+    data.holdout = holdout
+    train, val, info = build_datasets(data, seed=0)
     counts = [0] * info.num_classes
     for y in train.targets:
         counts[y] += 1
     return counts, len(val)
 
 
-# relative CPU cost per image (about microseconds on one core), measured for the pair (docs/demo.md)
-COST_TRAIN = {"teacher": 710.0, "student": 310.0, "store": 250.0}
-COST_EVAL = {"teacher": 230.0, "student": 90.0, "store": 0.0}
+def use_store(classes: int, images: int, crops: int) -> bool:
+    """Exact stores (every class, float32) when small enough; otherwise the teacher runs in every step."""
+    return classes * 4 * images * crops <= STORE_LIMIT_BYTES
 
 
-def _spec(out: Path, name: str, regime: str, row: str, seed: int, cfg: Any, deps: list[str], n_train: int,
-          n_val: int, crops: int = 0, grid: tuple = ()) -> RunSpec:
-    kind = row if row in ("teacher", "store") else "student"
-    epochs = crops or cfg.train.epochs
-    cost = epochs * (n_train * COST_TRAIN[kind] + n_val * COST_EVAL[kind]) + 3e6  # + start-up
-    steps = epochs * max(1, n_train // cfg.data.batch_size)
-    run_dir = out / ("stores" if row == "store" else "runs") / name
-    return RunSpec(name, regime, row, seed, cfg, out / "configs" / f"{name}.yaml", run_dir,
-                   out / "logs" / f"{name}.log", deps, cost, steps, crops, grid)
-
-
-def regime_data(paths: DataPaths, regime: str) -> Optional[str]:
-    """The IDX folder of a regime's runs (None: the system location)."""
-    return paths.small if regime == "small-data" else paths.full
-
-
-def plan_phase1(out: Path, paths: DataPaths, s: Settings) -> tuple[list[RunSpec], dict[str, dict]]:
-    """Teachers (every regime; small-data always: the search uses it), stores (regime x seed) and the
-    search (every row x grid point, seed 0, on the small-data split scored on held-out training images)."""
-    specs: list[RunSpec] = []
-    regimes: dict[str, dict] = {}
-    for regime in dict.fromkeys(("small-data", *s.regimes)):
-        data = regime_data(paths, regime)
-        tcfg = run_config(s, data, regime, "teacher", 0, s.teacher_epochs[regime], TEACHER_LR)
-        counts, n_val = train_counts(tcfg)
-        regimes[regime] = {"class_counts": counts, "train_images": sum(counts), "val_images": n_val}
-        tname = f"{regime}-teacher"
-        specs.append(_spec(out, tname, regime, "teacher", 0, tcfg, [], sum(counts), n_val))
-        weights = out / "runs" / tname / "last.pt"
-        for seed in range(s.seeds if regime in s.regimes else 1):
-            scfg = run_config(s, data, regime, "store", seed, s.epochs[regime], TEACHER_LR, teacher_weights=weights)
-            specs.append(_spec(out, f"{regime}-store-s{seed}", regime, "store", seed, scfg, [tname], sum(counts), 0,
-                               crops=s.epochs[regime]))
-    store0 = out / "stores" / "small-data-store-s0"
-    n_train = regimes["small-data"]["train_images"]
-    for row in s.chosen_rows:
-        for lr, T in row.grid:
-            cfg = run_config(s, paths.search, "small-data", row.key, 0, s.search_epochs, lr, T,
-                             teacher_weights=out / "runs" / "small-data-teacher" / "last.pt" if row.distilled else None,
-                             soft_labels=store0 if row.distilled else None)
-            name = f"search-{row.key}-lr{lr:g}" + (f"-T{T:g}" if T is not None else "")
-            n_val = 10 * s.heldout_per_class
-            specs.append(_spec(out, name, "search", row.key, 0, cfg, ["small-data-store-s0"] if row.distilled else [],
-                               n_train, n_val, grid=(lr, T)))
-    return specs, {r: regimes[r] for r in s.regimes}
-
-
-def select(specs: list[RunSpec], rows: tuple[Row, ...]) -> dict[str, dict]:
-    """Per row, the grid point whose run ends best on the held-out images (ties: the first in the grid)."""
-    out: dict[str, dict] = {}
-    for row in rows:
-        table = []
-        for lr, T in row.grid:
-            sp = next(sp for sp in specs if sp.regime == "search" and sp.row == row.key and sp.grid == (lr, T))
-            summary = json.loads(sp.done_path.read_text(encoding="utf-8"))
-            table.append({"lr": lr, "T": T, "heldout_top1": summary["last_top1"], "run": sp.name})
-        best = max(table, key=lambda e: e["heldout_top1"])  # max keeps the first of equals
-        out[row.key] = {"lr": best["lr"], "T": best["T"], "table": table}
-    return out
-
-
-def plan_students(out: Path, paths: DataPaths, s: Settings, regimes: dict[str, dict], chosen: dict[str, dict]) -> list[RunSpec]:
-    """Phase 2: every regime x row x seed with the row's chosen values."""
-    specs = []
-    for regime, info in regimes.items():
-        weights = out / "runs" / f"{regime}-teacher" / "last.pt"
-        for seed in range(s.seeds):
-            store = f"{regime}-store-s{seed}"
-            for row in s.chosen_rows:
-                c = chosen[row.key]
-                cfg = run_config(s, regime_data(paths, regime), regime, row.key, seed, s.epochs[regime], c["lr"], c["T"],
-                                 teacher_weights=weights if row.distilled else None,
-                                 soft_labels=out / "stores" / store if row.distilled else None)
-                specs.append(_spec(out, f"{regime}-{row.key}-s{seed}", regime, row.key, seed, cfg,
-                                   [store] if row.distilled else [], info["train_images"], info["val_images"]))
-    return specs
-
-
-def write_configs(specs: list[RunSpec]) -> None:
-    from wsld.files import atomic_write_text
+def write_config(sp: RunSpec, command: str) -> None:
+    """``OUT/configs/<run>.yaml`` with a header saying what it is and how to rerun it by hand."""
     from wsld.config import to_yaml
+    from wsld.files import atomic_write_text
 
-    for sp in specs:
-        sp.config_path.parent.mkdir(parents=True, exist_ok=True)
-        if sp.row == "teacher":
-            what = "the teacher (CE)"
-        elif sp.is_store:
-            what = f"the soft-label store of seed {sp.seed} (run with: wsld {' '.join(sp.argv('fresh'))})"
-        elif sp.regime == "search":
-            what = f"search run of {sp.row} at lr {sp.grid[0]:g}, T {sp.grid[1]} (val = held-out training images)"
-        else:
-            what = f"the student with {sp.row}, seed {sp.seed}"
-        header = (f"# wsld demo, {sp.regime}: {what}. Written by `wsld demo`; rerun by hand with\n"
-                  f"#   wsld train {sp.config_path} --out RUN_DIR\n")  # fmt: skip
-        if sp.deps:
-            header += f"# (needs the output of the run {sp.deps[0]}, configs/{sp.deps[0]}.yaml)\n"
-        atomic_write_text(sp.config_path, header + to_yaml(sp.config))
+    sp.config_path.parent.mkdir(parents=True, exist_ok=True)
+    header = f"# {command}: {sp.what}. Rerun by hand with\n#   wsld {' '.join(sp.argv('fresh'))}\n"
+    if sp.deps:
+        header += f"# (needs the output of {', '.join(sp.deps)}: configs/{sp.deps[0]}.yaml)\n"
+    text = header + to_yaml(sp.config)
+    if not sp.config_path.is_file() or sp.config_path.read_text(encoding="utf-8") != text:
+        atomic_write_text(sp.config_path, text)
 
 
-def run_state(sp: RunSpec) -> str:
-    """``done``, ``resume`` or ``fresh``; refuses a run directory that holds a run of other settings
-    (the demo would otherwise mix old and new numbers)."""
+def run_state(sp: RunSpec, clear_hint: str) -> str:
+    """``done``, ``resume`` or ``fresh``; refuses a run directory that holds a run of other settings."""
     from wsld.config import load_config, to_dict
     from wsld.engine.rundir import RESUME_SAFE_KEYS, config_diff
 
     if sp.is_store:
         return "done" if sp.done_path.is_file() else ("resume" if sp.run_dir.exists() else "fresh")
     saved = sp.run_dir / "config.yaml"
-    has_ckpt = (sp.run_dir / "last.pt").is_file()
     done = sp.done_path.is_file()
-    if not (has_ckpt or done):
+    if not ((sp.run_dir / "last.pt").is_file() or done):
         return "fresh"
     if saved.is_file():
         diff = [k for k in config_diff(to_dict(load_config(saved)), to_dict(sp.config)) if k not in RESUME_SAFE_KEYS]
         if diff:
-            raise UserError(
-                f"{sp.run_dir} holds a run made with other settings ({', '.join(diff[:4])}): give the demo another "
-                f"--out, or the same options as before (e.g. --quick, --epochs, --limit-per-class)"
-            )
+            raise UserError(f"{sp.run_dir} holds a run made with other settings ({', '.join(diff[:4])}): {clear_hint}")
     return "done" if done else "resume"
+
+
+def read_summary(sp: RunSpec) -> dict:
+    return json.loads(sp.done_path.read_text(encoding="utf-8"))

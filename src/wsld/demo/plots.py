@@ -1,8 +1,7 @@
-"""The PNG figures of the demo's report."""
+"""The PNG figures of a comparison's report: final top-1, every paired difference, the search, the test curves."""
 
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 from typing import Any
@@ -18,156 +17,90 @@ def save_figure(fig: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def make_plots(results: dict[str, Any], plots: Path, seeds: int, quick: bool = False) -> list[Path]:
-    """The PNG figures of the report; returns their paths. ``quick``: every figure says it is a pipeline check."""
+def make_plots(res: dict[str, Any], plots: Path, quick: bool = False) -> list[Path]:
+    """The figures; returns their paths. ``quick``: every figure says it is a pipeline check."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
-    from matplotlib.ticker import MaxNLocator
 
     written: list[Path] = []
-    seed_note = f"mean over {seeds} seed{'s' if seeds > 1 else ''}"
-    titles = {"balanced": "balanced", "long-tail": "long-tailed (ratio 100)", "small-data": "small data (a tenth of the training images)"}
-    ticks = {"balanced": "balanced", "long-tail": "long-tailed\n(ratio 100)", "small-data": "small data\n(600 per class)"}  # axis labels side by side
-    banner = "PIPELINE CHECK (--quick), NOT A COMPARISON\n" if quick else ""
+    keys = res["rows_order"]
+    seeds = len(res["rows"][keys[0]]["seeds"])
 
-    def save(fig, path: Path) -> None:
+    def save(fig: Any, name: str) -> None:
         if quick:
             fig.text(0.5, 0.5, "pipeline check\nnot a comparison", ha="center", va="center", fontsize=28,
                      color="red", alpha=0.25, rotation=20, transform=fig.transFigure)
+        path = plots / name
         save_figure(fig, path)
         plt.close(fig)
         written.append(path)
 
-    # 1. test top-1 per epoch, per variant
-    for variant, v in results.items():
-        fig, ax = plt.subplots(figsize=(7, 4.2))
-        for loss, entry in v["rows"].items():
-            curves = np.array([r["curve"] for r in entry["seeds"]], dtype=float)
-            x = np.arange(1, curves.shape[1] + 1)
-            ax.plot(x, curves.mean(0), marker="o", ms=3, color=COLORS[loss], label=SHORT_NAMES[loss])
-            if len(curves) > 1:
-                ax.fill_between(x, curves.min(0), curves.max(0), color=COLORS[loss], alpha=0.15)
-        ax.axhline(v["teacher"]["top1"], color=COLORS["teacher"], ls="--", label=f"teacher ({v['teacher']['top1']:.2f})")
-        ax.set_xlabel("epoch")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_ylabel("test top-1 (%)")
-        band = ", band = min..max over seeds" if seeds > 1 else ""
-        ax.set_title(f"{banner}Fashion-MNIST {titles[variant]}: student test top-1 per epoch\n({seed_note}{band})")
-        ax.grid(alpha=0.3)
-        ax.legend(loc="lower right")
-        path = plots / f"curves_{variant}.png"
-        save(fig, path)
+    # final test top-1: one dot per seed, the mean as a bar
+    fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(keys), 3.6))
+    for i, k in enumerate(keys):
+        e = res["rows"][k]
+        ax.bar(i, e["top1_mean"], color=COLORS[k], alpha=0.35, width=0.6)
+        ax.scatter([i] * len(e["seeds"]), [r["top1"] for r in e["seeds"]], color=COLORS[k], zorder=3, s=18)
+    t1 = res["teacher"].get("top1")
+    if t1 is not None:
+        ax.axhline(t1, color=COLORS["teacher"], ls="--", lw=1, label=f"teacher {t1:.2f}")
+        ax.legend(loc="lower right", fontsize=8)
+    lows = [r["top1"] for k in keys for r in res["rows"][k]["seeds"]] + ([t1] if t1 is not None else [])
+    ax.set_ylim(min(lows) - 2, max(lows) + 1)
+    ax.set_xticks(range(len(keys)), [SHORT_NAMES[k] for k in keys], fontsize=8)
+    ax.set_ylabel("test top-1 (%)")
+    ax.set_title(f"last-epoch test top-1, {seeds} seed(s) (dots) and mean (bars)", fontsize=9)
+    save(fig, "final_top1.png")
 
-    # 2. final top-1 with error bars over seeds
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    names = ["teacher", *next(iter(results.values()))["rows"]]
-    width = 0.8 / len(names)
-    lows = []
-    for i, name in enumerate(names):
-        xs, ys, es = [], [], []
-        for j, (variant, v) in enumerate(results.items()):
-            if name == "teacher":
-                y, e = v["teacher"]["top1"], 0.0
-            else:
-                y, e = v["rows"][name]["top1_mean"], v["rows"][name]["top1_std"] or 0.0
-            xs.append(j + (i - (len(names) - 1) / 2) * width)
-            ys.append(y)
-            es.append(e)
-            lows.append(y)
-        label = "teacher (1 run)" if name == "teacher" else SHORT_NAMES[name]
-        bars = ax.bar(xs, ys, width, yerr=es, capsize=3, color=COLORS[name], label=label)
-        ax.bar_label(bars, labels=[f"{y:.1f}" for y in ys], fontsize=7, padding=2)
-    ax.set_xticks(range(len(results)), [ticks[v] for v in results])
-    ax.set_ylim(max(0.0, math.floor(min(lows) / 5) * 5 - 5), 100)
-    ax.set_ylabel("test top-1 (%), last epoch")
-    ax.set_title(f"{banner}Fashion-MNIST: final test top-1 ({seed_note}, error bar = std over seeds)")
-    ax.legend(loc="upper right", fontsize=8, ncol=min(5, len(names)))
-    ax.grid(axis="y", alpha=0.3)
-    path = plots / "final_top1.png"
-    save(fig, path)
+    # every paired difference with its 95% interval
+    diffs = list(res["differences"].values())
+    if diffs and seeds > 1 and not quick:
+        fig, ax = plt.subplots(figsize=(6, 0.9 + 0.35 * len(diffs)))
+        for i, d in enumerate(diffs):
+            color = "#2ca02c" if d["detectable"] and d["mean"] > 0 else "#d62728" if d["detectable"] else "#777777"
+            ax.errorbar(d["mean"], i, xerr=[[d["mean"] - d["low"]], [d["high"] - d["mean"]]], fmt="o", color=color, capsize=3)
+        ax.axvline(0, color="black", lw=0.8)
+        ax.set_yticks(range(len(diffs)), [f"{SHORT_NAMES[d['a']]} − {SHORT_NAMES[d['b']]}" for d in diffs], fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xlabel("paired difference, points (95% CI over seeds)")
+        ax.set_title("every pair of rows: green ahead, red behind, grey no detectable difference", fontsize=9)
+        save(fig, "paired_differences.png")
 
-    # 3. WSLD weight per class per epoch, next to per-class accuracy of CE vs WSLD
-    for variant, v in results.items():
-        weights = v["rows"]["wsld"].get("class_weights_mean")
-        if not weights:
-            continue
-        w = np.array(weights, dtype=float).T  # classes x epochs
-        classes = v["classes"]
-        counts = v["class_counts"]
-        labels = [f"{c} ({n:,})" for c, n in zip(classes, counts)]
-        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.8), gridspec_kw={"width_ratios": [1.15, 1]})
-        im = ax1.imshow(w, aspect="auto", cmap="viridis", origin="upper",
-                        extent=(0.5, w.shape[1] + 0.5, len(classes) - 0.5, -0.5))
-        ax1.set_yticks(range(len(classes)), labels)
-        ax1.set_xlabel("epoch")
-        ax1.set_xticks(range(1, w.shape[1] + 1))
-        ax1.set_title(f"mean WSLD sample weight per class and epoch\n({seed_note}; class (training images))")
-        fig.colorbar(im, ax=ax1, label="mean weight 1 - exp(-CE_s / CE_t)")
-        y = np.arange(len(classes))
-        ce_acc = v["rows"]["ce"]["per_class_top1_mean"]
-        ws_acc = v["rows"]["wsld"]["per_class_top1_mean"]
-        ax2.barh(y - 0.2, ce_acc, 0.4, color=COLORS["ce"], label="CE (student alone)")
-        ax2.barh(y + 0.2, ws_acc, 0.4, color=COLORS["wsld"], label="WSLD")
-        ax2.scatter(v["teacher"]["per_class_top1"], y, marker="|", s=120, color="black", label="teacher", zorder=3)
-        ax2.set_yticks(y, [""] * len(classes))
-        ax2.set_ylim(len(classes) - 0.5, -0.5)
-        ax2.set_xlim(max(0.0, math.floor(min(ce_acc + ws_acc) / 10) * 10 - 10), 100)
-        ax2.set_xlabel("test top-1 of the class (%), last epoch")
-        ax2.set_title(f"per-class test accuracy, CE vs WSLD ({seed_note})")
-        ax2.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=3, fontsize=8)
-        ax2.grid(axis="x", alpha=0.3)
-        fig.suptitle(f"{banner}Fashion-MNIST {titles[variant]}: where WSLD puts its weight")
-        fig.tight_layout()
-        path = plots / f"wsld_weights_{variant}.png"
-        save(fig, path)
-
-    # 4. long-tailed: per-class accuracy of every method against the training count
-    if "long-tail" in results:
-        v = results["long-tail"]
-        classes, counts = v["classes"], v["class_counts"]
-        fig, ax = plt.subplots(figsize=(10, 4.8))
-        x = np.arange(len(classes))
-        series = [("teacher", v["teacher"]["per_class_top1"])] + [(k, e["per_class_top1_mean"]) for k, e in v["rows"].items()]
-        width = 0.8 / len(series)
-        for i, (name, acc) in enumerate(series):
-            ax.bar(x + (i - (len(series) - 1) / 2) * width, acc, width, color=COLORS[name],
-                   label="teacher" if name == "teacher" else SHORT_NAMES[name])
-        for g, ks in v["groups"].items():
-            ax.axvspan(min(ks) - 0.5, max(ks) + 0.5, color="grey", alpha=0.06 if g == "middle" else 0.0)
-            ax.text((min(ks) + max(ks)) / 2, 101, g, ha="center", va="bottom", fontsize=9)
-        ax.set_xticks(x, [f"{c}\n{n:,}" for c, n in zip(classes, counts)], fontsize=8)
-        ax.set_ylim(0, 108)
-        ax.set_ylabel("test top-1 of the class (%)")
-        ax.set_xlabel("class (training images in the long-tailed split)")
-        ax.set_title(f"{banner}Fashion-MNIST long-tailed (ratio 100): per-class test accuracy ({seed_note})", pad=18)
-        ax.legend(loc="lower left", fontsize=8, ncol=5)
-        ax.grid(axis="y", alpha=0.3)
-        path = plots / "long_tail_per_class.png"
-        save(fig, path)
-
-    # 5. paired differences with their 95% CIs (not for a pipeline check: it has no comparison)
-    if not quick and seeds > 1:
-        fig, ax = plt.subplots(figsize=(8, 4.2))
-        pairs = [(d["a"], d["b"]) for d in next(iter(results.values()))["differences"].values()]
-        width = 0.8 / len(pairs)
-        for i, (a, b) in enumerate(pairs):
-            xs, ys, lo, hi = [], [], [], []
-            for j, v in enumerate(results.values()):
-                d = v["differences"][f"{a}-{b}"]
-                xs.append(j + (i - (len(pairs) - 1) / 2) * width)
-                ys.append(d["mean"])
-                lo.append(d["mean"] - d["low"])
-                hi.append(d["high"] - d["mean"])
-            ax.bar(xs, ys, width, yerr=[lo, hi], capsize=3, color=COLORS[b], alpha=0.8,
-                   label=f"{SHORT_NAMES[a]} − {SHORT_NAMES[b]}")
-        ax.axhline(0, color="black", lw=0.8)
-        ax.set_xticks(range(len(results)), [ticks[r] for r in results])
-        ax.set_ylabel("difference in test top-1 (points)")
-        ax.set_title(f"paired differences, mean over {seeds} seeds, error bar = 95% CI (t distribution)")
+    # the search: held-out top-1 against the learning rate, per row
+    srch = res["search"]
+    if srch:
+        fig, ax = plt.subplots(figsize=(6.4, 3.8))
+        for k, v in srch.items():
+            pts = sorted((r["values"]["lr"], r["heldout_top1"]) for r in v["runs"]
+                         if all(r["values"].get(n) == v["chosen"].get(n) for n in v["chosen"] if n != "lr"))
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color=COLORS.get(k, "#000000"),
+                        label=SHORT_NAMES.get(k, k), ms=4)
+                ax.scatter([v["chosen"]["lr"]], [max(p[1] for p in pts if p[0] == v["chosen"]["lr"])], s=90,
+                           facecolors="none", edgecolors=COLORS.get(k, "#000000"))
+        ax.set_xscale("log")
+        ax.set_xlabel("learning rate (other values at the row's chosen ones)")
+        ax.set_ylabel("held-out top-1 (%)")
+        ax.set_title("search on held-out training images (circled: chosen)", fontsize=9)
         ax.legend(fontsize=8)
-        ax.grid(axis="y", alpha=0.3)
-        save(fig, plots / "paired_differences.png")
+        save(fig, "search_lr.png")
+
+    # test top-1 after each epoch, mean over seeds
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    for k in keys:
+        curves = [r["curve"] for r in res["rows"][k]["seeds"] if r["curve"]]
+        if curves:
+            n = min(len(c) for c in curves)
+            ax.plot(range(1, n + 1), [sum(c[e] for c in curves) / len(curves) for e in range(n)], "o-",
+                    color=COLORS[k], label=SHORT_NAMES[k], ms=3)
+    if res["teacher"].get("curve"):
+        c = res["teacher"]["curve"]
+        ax.plot(range(1, len(c) + 1), c, "--", color=COLORS["teacher"], label="teacher")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("test top-1 (%)")
+    ax.set_title(f"test top-1 per epoch, mean over {seeds} seed(s)", fontsize=9)
+    ax.legend(fontsize=8)
+    save(fig, "curves.png")
     return written

@@ -57,7 +57,8 @@ class Runner:
     """Runs the planned runs in dependency order, ``jobs`` at a time, with one progress bar."""
 
     def __init__(self, specs: list[RunSpec], states: dict[str, str], s: Settings, progress: bool,
-                 log: Callable[[str], None], stream: Any) -> None:
+                 log: Callable[[str], None], stream: Any, label: str = "wsld compare") -> None:
+        self.label = label
         self.specs = {sp.name: sp for sp in specs}
         self.states = states
         self.s = s
@@ -115,7 +116,7 @@ class Runner:
         # teachers first, then stores: the others wait for them
         todo.sort(key=lambda item: {"teacher": 0, "store": 1}.get(self.specs[item[0]].row, 2))
         self.t0, self.start_cost = time.perf_counter(), self.done_cost
-        self.bar = tqdm(total=self.total_cost, initial=self.done_cost, desc="wsld demo", file=self.stream,
+        self.bar = tqdm(total=self.total_cost, initial=self.done_cost, desc=self.label, file=self.stream,
                         disable=not (self.progress and self.stream.isatty()), dynamic_ncols=True, mininterval=1.0,
                         bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}] {postfix}")
         try:
@@ -136,7 +137,7 @@ class Runner:
     def _fail(self, name: str, why: str) -> UserError:
         sp = self.specs[name]
         tail = _log_tail(sp.log_path)
-        return UserError(f"demo run {name} failed ({why}); log: {sp.log_path}" + (f": {tail}" if tail else "")
+        return UserError(f"{self.label}: run {name} failed ({why}); log: {sp.log_path}" + (f": {tail}" if tail else "")
                          + "; fix the cause and run the same command again to continue")
 
     @staticmethod
