@@ -63,6 +63,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from wsld.engine.stopping import StopRequest
+
+    # one stop request for the whole command: a SIGTERM/SIGINT in any phase (data loading, the
+    # teacher's training or evaluations, the run, the --baseline run after it) stops at the next
+    # stopping point with a checkpoint and the command that continues it
+    with StopRequest():
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     from wsld.config import load_config, to_dict
     from wsld.engine.resume import absolute_paths
     from wsld.engine.previous_runs import previous_runs_note

@@ -39,13 +39,12 @@ from wsld.engine.health import StepHealth, Verdict
 from wsld.engine.hooks import SLOW_STEP_ENV, maybe_kill9, simulated_crash, stop_after_steps
 from wsld.engine.optim import build_optimizer, effective_lr, lr_factor
 from wsld.engine.resume import NOT_COMPARED_ON_RESUME, check_run_files, epochs_refusal, set_aside_summary, write_run_record
-from wsld.engine.rundir import MetricsLog, config_diff, early_write_probe, write_probe
+from wsld.engine.rundir import MetricsLog, RunDirClaim, config_diff, write_probe
 from wsld.engine.stats import EpochStats
 from wsld.engine.step import APPLIED, BatchNormalizer, StepContext, stand_in_inputs, train_step, update_ema
 from wsld.engine.stopping import StopRequest, TrainingStopped, ignore_stop_signals_in_worker, signal_name
 from wsld.errors import CheckpointError, UserError
 from wsld.files import atomic_write_text
-from wsld.locks import DirLock
 from wsld.losses.registry import build_loss
 from wsld.models import build_model, check_model_name, load_weights
 from wsld.runtime import Runtime, amp_dtype_for, barrier, compile_module, seed_everything, set_cpu_threads, use_channels_last
@@ -97,13 +96,18 @@ class Trainer:
             seed=self.cfg.train.seed, collate_fn=collate_fn,
         )  # fmt: skip
 
-    def setup(self) -> None:
+    def check_batch(self) -> None:
+        """Before any collective call or file: the global batch splits evenly among the processes."""
         cfg, rt = self.cfg, self.rt
         if cfg.data.batch_size % rt.world_size:
             raise UserError(
                 f"config key 'data.batch_size': global batch {cfg.data.batch_size} is not divisible by the "
                 f"{rt.world_size} processes (give a multiple of {rt.world_size})"
             )
+
+    def setup(self) -> None:
+        cfg, rt = self.cfg, self.rt
+        self.check_batch()
         # cheap checks first: a typo must not cost a teacher training or a data scan
         check_model_name(cfg.model.student, "model.student")
         if cfg.distill.loss != "ce" and not cfg.distill.soft_labels:
@@ -275,10 +279,14 @@ class Trainer:
         return res, ema
 
     def fit(self) -> dict[str, Any]:
+        """Train the run. The run directory is taken first (its lock, then the folder checked under
+        it), before any data, teacher or evaluation work; SIGTERM/SIGINT are honoured from then on."""
+        self.check_batch()
+        with StopRequest() as stop, RunDirClaim(self.run_dir, self.rt, fresh=not self.resume):
+            return self._prepare_and_fit(stop)
+
+    def _prepare_and_fit(self, stop: StopRequest) -> dict[str, Any]:
         cfg, rt = self.cfg, self.rt
-        if rt.is_main:
-            DirLock(self.run_dir).refuse_if_held(f"run directory {self.run_dir}")  # a live run there: refuse before any work
-            early_write_probe(self.run_dir)  # before any teacher training or data work
         self.setup()
         self.sched = None
         self.best_top1, self.best_epoch = -1.0, -1
@@ -300,24 +308,17 @@ class Trainer:
             set_teacher_bn_mode(self.teacher.model, cfg.model.teacher_bn_mode)
             self.say(f"teacher top-1 {self.teacher_eval['top1']:.2f}  top-5 {self.teacher_eval['top5']:.2f}")
         self._check_teacher_strength()
-        # everything validated: now the run directory may be created, and is ours while we run
-        self.lock = DirLock(self.run_dir, remove_on_release=True)
-        if rt.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            self.lock.acquire_or_refuse(f"run directory {self.run_dir}")
-        try:
-            return self._fit(start_epoch, start_step, global_step, metrics_lines, saved_stats, fresh_teacher_eval)
-        finally:
-            self.lock.release()
+        return self._fit(stop, start_epoch, start_step, global_step, metrics_lines, saved_stats, fresh_teacher_eval)
 
-    def _fit(self, start_epoch: int, start_step: int, global_step: int, metrics_lines: int, saved_stats: Optional[dict],
-             fresh_teacher_eval: bool) -> dict[str, Any]:  # fmt: skip
+    def _fit(self, stop: StopRequest, start_epoch: int, start_step: int, global_step: int, metrics_lines: int,
+             saved_stats: Optional[dict], fresh_teacher_eval: bool) -> dict[str, Any]:  # fmt: skip
         cfg, rt = self.cfg, self.rt
         if rt.is_main:
             write_probe(self.run_dir, self._estimated_checkpoint_bytes())
             atomic_write_text(self.run_dir / "config.yaml", to_yaml(cfg))
             if self.role == "student":  # where it started and what its files held (wsld.engine.resume)
-                write_run_record(self.run_dir, cfg, self.teacher.describe() if self.teacher is not None else {})
+                # a fresh run starts a fresh record (an earlier start in this folder may have left one)
+                write_run_record(self.run_dir, cfg, self.teacher.describe() if self.teacher is not None else {}, replace=not self.resume)
             if self.resume:
                 set_aside_summary(self.run_dir, self.saved_epochs, cfg.train.epochs, self.say)
         barrier(rt)
@@ -354,8 +355,11 @@ class Trainer:
         self.sched.last_epoch = global_step - 1
         self.sched.step()  # lr for global_step
         self.student.train()
-        with StopRequest() as stop:
-            return self._epochs(stop, start_epoch, start_step, global_step, saved_stats)
+        signum = stop.requested(rt.distributed, rt.device)
+        if signum:  # asked during data loading, the teacher phase or an evaluation: stop before the first step
+            self._save(("last.pt",), start_epoch, start_step, global_step)
+            self._stopped(signum, start_epoch, start_step, global_step)
+        return self._epochs(stop, start_epoch, start_step, global_step, saved_stats)
 
     def _epochs(self, stop: StopRequest, start_epoch: int, start_step: int, global_step: int, saved_stats: Optional[dict]) -> dict[str, Any]:
         from tqdm import tqdm
@@ -488,7 +492,7 @@ class Trainer:
     def _stopped(self, signum: int, epoch: int, step: int, global_step: int) -> None:
         """After the checkpoint of a SIGTERM/SIGINT stop: one line naming it and how to continue."""
         barrier(self.rt)
-        where = f"epoch {epoch + 1}, step {step}" if step else f"the end of epoch {epoch}"
+        where = f"epoch {epoch + 1}, step {step}" if step else f"the end of epoch {epoch}" if epoch else "the start of epoch 1"
         self.metrics.write({"kind": "stopped", "signal": signal_name(signum), "epoch": epoch + 1, "step": step, "global_step": global_step})
         self.metrics.close()
         how = (f"continue with: wsld train --resume {self.run_dir}" if self.role == "student"

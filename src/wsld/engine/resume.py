@@ -114,10 +114,11 @@ def file_digests(cfg: Config, teacher: dict) -> dict[str, dict[str, str]]:
             for entry, key, path, digest in found if _is_file_value(key, path)}  # fmt: skip
 
 
-def write_run_record(run_dir: Path, cfg: Config, teacher: dict) -> None:
-    """Write ``run.json`` once (a fresh run, or the first resume of a run made before it existed)."""
+def write_run_record(run_dir: Path, cfg: Config, teacher: dict, *, replace: bool = False) -> None:
+    """Write ``run.json`` once: at a fresh start (``replace``: a record left by an earlier start in
+    this folder goes), or at the first resume of a run made before wsld wrote one."""
     path = Path(run_dir) / RUN_RECORD
-    if path.exists():
+    if path.exists() and not replace:
         return
     rec = {"format": RECORD_FORMAT, "cwd": os.getcwd(), "run_dir": str(Path(run_dir).absolute()), "files": file_digests(cfg, teacher)}
     atomic_write_text(path, json.dumps(rec, indent=2) + "\n")

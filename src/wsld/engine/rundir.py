@@ -1,4 +1,4 @@
-"""The run directory: metrics.jsonl + TensorBoard, write probes, default names, and which config keys a resume may change."""
+"""The run directory: taking it (lock, then checks), metrics.jsonl + TensorBoard, write probes, default names, and which config keys a resume may change."""
 
 from __future__ import annotations
 
@@ -8,10 +8,14 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from wsld.errors import UserError
 from wsld.files import atomic_write_text
+from wsld.locks import DirLock
+
+if TYPE_CHECKING:
+    from wsld.runtime import Runtime
 
 # keys that may differ between a run's saved config and the config of a resumed run: where the
 # data lives, how fast it is read, how often we log or checkpoint, and speed options that do not
@@ -117,6 +121,66 @@ def early_write_probe(run_dir: Path, nbytes: int = 1 << 20) -> None:
             os.fsync(f.fileno())
     except OSError as e:
         raise UserError(f"run directory {run_dir} is not writable ({e.strerror or e}): free space or choose another --out") from None
+
+
+class RunDirClaim:
+    """The run directory taken before any work (``with RunDirClaim(...)``): rank 0 makes the folder
+    and takes its lock, then the folder is checked under the lock, so that of two processes started
+    together into one folder only one runs; every rank gets the refusal (one line, the holder's pid).
+
+    ``fresh``: a new run, refused over a folder that holds one (``last.pt`` or ``summary.json``).
+    On exit the lock goes, and so do the folders made here if nothing was written in them.
+    """
+
+    def __init__(self, run_dir: Path, rt: "Runtime", *, fresh: bool):
+        self.run_dir, self.rt, self.fresh = Path(run_dir), rt, fresh
+        self.lock = DirLock(self.run_dir, remove_on_release=True)
+        self.made: list[Path] = []
+
+    def __enter__(self) -> "RunDirClaim":
+        from wsld.runtime import broadcast_object  # torch: only a run gets here
+
+        why = None
+        if self.rt.is_main:
+            try:
+                early_write_probe(self.run_dir)  # before any folder is made: nothing is left behind
+                self.made = _make_folders(self.run_dir)
+                if not self.lock.try_acquire():
+                    why = str(self.lock.in_use(f"run directory {self.run_dir}"))
+                elif self.fresh and ((self.run_dir / "last.pt").exists() or (self.run_dir / "summary.json").exists()):
+                    why = f"{self.run_dir} already holds a run: use --resume {self.run_dir} to continue it, or another --out"
+            except UserError as e:
+                why = str(e)
+            except OSError as e:  # the lock file cannot be made (no permission...)
+                why = f"cannot use run directory {self.run_dir} ({e.strerror or e}): choose another --out"
+        why = broadcast_object(self.rt, why)
+        if why:
+            self.__exit__()
+            raise UserError(why)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.lock.release()
+        for f in self.made:  # deepest first; one holding anything stays, and so do those above it
+            try:
+                f.rmdir()
+            except OSError:
+                break
+        self.made = []
+
+
+def _make_folders(folder: Path) -> list[Path]:
+    """``mkdir -p folder``; returns the folders it made, deepest first."""
+    made = []
+    f = Path(os.path.abspath(folder))
+    while not os.path.lexists(f) and f != f.parent:
+        made.append(f)
+        f = f.parent
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create run directory {folder} ({e.strerror or e}): choose another --out") from None
+    return made
 
 
 def default_run_dir(dataset: str, loss: str, student: str) -> Path:

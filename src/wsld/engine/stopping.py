@@ -23,26 +23,40 @@ class TrainingStopped(UserError):
 
 
 class StopRequest:
-    """Records the first SIGTERM/SIGINT; the loop asks ``requested()`` after each step. A second
-    signal of the same kind acts as if nothing was installed (Ctrl-C twice kills at once)."""
+    """Records the first SIGTERM/SIGINT; the loop asks ``requested()`` at its stopping points. A second
+    signal of the same kind acts as if nothing was installed (Ctrl-C twice kills at once).
+
+    Requests nest (``wsld train`` around a run, a run around the teacher run it trains first): only
+    the outermost installs the handlers; a signal is recorded in every open request, and a request
+    opened after a signal starts with it, so a stop asked for in one phase (the teacher's last
+    evaluation, data loading) is honoured by the next stopping point, whichever phase it is in.
+    """
+
+    _open: list["StopRequest"] = []  # the requests now open, outermost first
 
     def __init__(self) -> None:
         self.signum: Optional[int] = None
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> "StopRequest":
-        if threading.current_thread() is threading.main_thread():
+        if StopRequest._open:
+            self.signum = StopRequest._open[-1].signum
+        elif threading.current_thread() is threading.main_thread():
             for s in HANDLED:
                 self._previous[s] = signal.signal(s, self._handle)
+        StopRequest._open.append(self)
         return self
 
     def __exit__(self, *exc: Any) -> None:
+        if self in StopRequest._open:
+            StopRequest._open.remove(self)
         for s, h in self._previous.items():
             signal.signal(s, h)
         self._previous.clear()
 
     def _handle(self, signum: int, frame: Any) -> None:
-        self.signum = signum
+        for request in StopRequest._open:
+            request.signum = request.signum or signum
         signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
 
     def requested(self, distributed: bool, device: torch.device) -> Optional[int]:
