@@ -37,5 +37,7 @@ train: venv data
 test: venv data
 	$(BIN)/python -m pytest -q
 
+# removes what `make` built (the venv, build leftovers); never runs/, which holds your results
+# (delete a run with rm -rf runs/NAME)
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) build src/*.egg-info .pytest_cache

@@ -13,7 +13,7 @@ def test_teacher_only_then_distil(tmp_path):
     assert rc == 0, err
     weights = teach / "teacher.safetensors"
     assert weights.is_file()
-    assert "wsld result: teacher cnn_teacher trained with CE, 2 epochs" in out
+    assert "wsld result: teacher cnn_teacher trained from scratch with CE, 2 epochs" in out
     assert f"distil from it: wsld train CONFIG {' '.join(TINY)} model.teacher_weights={weights}" in out  # the same data and models
     assert "teacher epoch 2/2" in err and "student epoch" not in err
     start = json.loads((teach / "metrics.jsonl").read_text().splitlines()[0])

@@ -12,7 +12,7 @@ import os
 import sys
 import threading
 
-from wsld import __version__
+from wsld import __version__, console_log
 from wsld.errors import UserError
 
 # modules that register sub-commands, in the order --help lists them
@@ -86,24 +86,30 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     if extra:
         dest = getattr(args, "extra_args_dest", None)
+        hint = getattr(args, "unknown_option_hint", None)  # a habit from another tool: the command that works
+        if hint is not None and any(e.startswith("-") for e in extra) and (line := hint(list(sys.argv[1:] if argv is None else argv))):
+            print(f"wsld: error: {line}", file=sys.stderr)
+            return 2
         if dest is None or any(e.startswith("-") for e in extra):
             parser.parse_args(argv)  # prints "unrecognized arguments" and exits 2
         getattr(args, dest).extend(extra)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    try:
-        return int(args.func(args) or 0)
-    except UserError as e:
-        print(f"wsld: error: {one_line(e)}", file=sys.stderr)
-        return e.exit_code
-    except KeyboardInterrupt:
-        print(f"wsld: interrupted{continue_hint(getattr(args, 'run_dir_in_use', None))}", file=sys.stderr)
-        return 130
-    except BrokenPipeError:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        return 1
+    # a training command keeps its console output in the run folder (log.txt): wsld.console_log
+    with console_log.capture(getattr(args, "keeps_console_log", False), list(sys.argv[1:] if argv is None else argv)):
+        try:
+            return int(args.func(args) or 0)
+        except UserError as e:
+            print(f"wsld: error: {one_line(e)}", file=sys.stderr)
+            return e.exit_code
+        except KeyboardInterrupt:
+            print(f"wsld: interrupted{continue_hint(getattr(args, 'run_dir_in_use', None))}", file=sys.stderr)
+            return 130
+        except BrokenPipeError:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            return 1
 
 
 if __name__ == "__main__":

@@ -67,12 +67,15 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     teacher: str = "cifar_resnet20_s2"  # the built-in run: the demo's BatchNorm pair (docs/demo.md)
-    # torchvision weight enum name (IMAGENET1K_V1), a local .pt/.pth/.safetensors file,
-    # or null: train the teacher first (cached under teacher_cache, reused next time)
+    # torchvision weight enum name (IMAGENET1K_V1, DEFAULT), pretrained (torchvision's DEFAULT, timm's tag),
+    # a local .pt/.pth/.safetensors file, or null: train the teacher first (cached under teacher_cache,
+    # reused next time). With --teacher-only: the weights the teacher's training starts from
     teacher_weights: Optional[str] = None
     student: str = "cifar_resnet8_s2"
-    student_weights: Optional[str] = None
-    replace_head: bool = False  # allow a new classifier head when class counts differ
+    student_weights: Optional[str] = None  # the student's start: the same forms as teacher_weights (null: random init)
+    # a student (or a --teacher-only teacher) whose weights predict another class count than the data's:
+    # null = a new head, with one line saying so; true = the same, asked for; false = refuse
+    replace_head: Optional[bool] = None
     teacher_bn_mode: str = "eval"  # eval | train (train = the reference's batch-statistics teacher)
     sync_bn: bool = False
     channels_last: Optional[bool] = None  # null: on for CUDA, off on CPU

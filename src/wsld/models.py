@@ -263,24 +263,91 @@ def load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str, 
     model.load_state_dict(state)
 
 
+class TeacherNeedsTraining(UserError):
+    """A teacher whose pretrained head has other classes than the data: it must be fine-tuned first
+    (``wsld train --teacher-only``); ``wsld train`` adds the exact commands to this message."""
+
+    def __init__(self, message: str, weights: str):
+        super().__init__(message)
+        self.weights = weights
+
+
+# what a user writes for "the pretrained weights" in either family: torchvision's DEFAULT enum, timm's pretrained tag
+PRETRAINED = "pretrained"
+
+
+def _torchvision_weights(name: str, enum_name: str, key: str):
+    """torchvision's weight enum member ``enum_name`` of model ``name`` (``pretrained``: ``DEFAULT``), without loading it."""
+    import torchvision
+
+    try:
+        weights_enum = torchvision.models.get_model_weights(name)
+    except (ValueError, KeyError):
+        raise UserError(f"config key '{key}_weights': torchvision has no pretrained weights for '{name}'; give a weight file") from None
+    try:
+        return weights_enum["DEFAULT" if enum_name == PRETRAINED else enum_name]
+    except KeyError:
+        allowed = [m.name for m in weights_enum] + ["DEFAULT", PRETRAINED]
+        raise UserError(f"config key '{key}_weights': '{enum_name}' is not a weight of {name} (allowed: {', '.join(allowed)})") from None
+
+
+def _timm_pretrained_classes(tname: str) -> Optional[int]:
+    """The class count of timm model ``tname``'s pretrained weights, read from its config (no download)."""
+    try:
+        from timm.models import get_pretrained_cfg
+
+        cfg = get_pretrained_cfg(tname)
+    except Exception:  # an unknown tag or an older timm: timm itself says so when it builds the model
+        return None
+    n = getattr(cfg, "num_classes", None) if cfg is not None else None
+    return int(n) if n else None
+
+
+def pretrained_classes(name: str, weights: str, key: str) -> Optional[int]:
+    """How many classes the named (not file) pretrained weights ``weights`` of model ``name`` predict, read
+    from the weights' metadata without downloading them; None when unknown."""
+    family = check_model_name(name, key)
+    if family == "torchvision":
+        categories = _torchvision_weights(name, weights, key).meta.get("categories")
+        return len(categories) if categories else None
+    if family == "timm":
+        return _timm_pretrained_classes(name.removeprefix("timm/"))
+    return None
+
+
+def _cached_file_hint(w) -> str:
+    import torch.hub
+
+    return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(w.url))
+
+
 def _torchvision_model(name: str, num_classes: int, enum_name: Optional[str], key: str) -> nn.Module:
     import torchvision
 
     if not enum_name:
         return torchvision.models.get_model(name, num_classes=num_classes)
-    weights_enum = torchvision.models.get_model_weights(name)
-    try:
-        w = weights_enum[enum_name]
-    except KeyError:
-        allowed = [m.name for m in weights_enum] + ["DEFAULT"]
-        raise UserError(f"config key '{key}_weights': '{enum_name}' is not a weight of {name} (allowed: {', '.join(allowed)})") from None
+    w = _torchvision_weights(name, enum_name, key)
     try:
         return torchvision.models.get_model(name, weights=w)
     except Exception as e:  # offline: the download fails
         raise UserError(
-            f"config key '{key}_weights': could not load {name} {enum_name} ({_first_line(e)[:160]}); "
-            f"without network, download it once into the torch hub cache ($TORCH_HOME) or give a local file"
+            f"config key '{key}_weights': could not load {name} {w.name} ({_first_line(e)[:160]}); without network, put "
+            f"the file at {_cached_file_hint(w)} (torchvision's cache; TORCH_HOME moves it) or give {key}_weights=FILE"
         ) from None
+
+
+def _new_head(model: nn.Module, num_classes: int, family: str) -> None:
+    if family == "timm" and hasattr(model, "reset_classifier"):
+        model.reset_classifier(num_classes)  # timm's own: the right layer whatever the architecture
+    else:
+        replace_head(model, num_classes)
+
+
+def _teacher_mismatch(name: str, weights: str, out: int, num_classes: int) -> TeacherNeedsTraining:
+    return TeacherNeedsTraining(
+        f"model.teacher {name} with model.teacher_weights={weights} has {out} outputs but the data has {num_classes} classes: "
+        "a teacher must be fine-tuned on your classes before it can teach them", weights
+    )
 
 
 def build_model(
@@ -289,22 +356,32 @@ def build_model(
     *,
     in_channels: int = 3,
     weights: Optional[str] = None,
-    replace_head_if_needed: bool = False,
+    replace_head_if_needed: Optional[bool] = False,
     role: str = "model",
+    log: Optional[Callable[[str], None]] = None,
+    key: Optional[str] = None,
 ) -> nn.Module:
-    """Build ``name`` for ``num_classes`` outputs, optionally with weights (enum name or file).
+    """Build ``name`` for ``num_classes`` outputs, optionally with weights: a torchvision enum name
+    (``IMAGENET1K_V1``, ``DEFAULT``), ``pretrained`` (torchvision's DEFAULT, timm's pretrained tag) or a file.
 
     A weight file whose classifier has another class count builds a model of that count (so the
-    weights load); then, if it still differs from the data's count, the head is replaced only when
-    ``replace_head_if_needed`` (students; a teacher with a random head would teach nothing).
+    weights load). If the count still differs from the data's, a student gets a new head when
+    ``replace_head_if_needed`` is True or None (None: ``model.replace_head`` left unset; either way
+    ``log`` gets one line saying so) and is refused when False; a teacher is refused with
+    ``TeacherNeedsTraining`` (a random head would teach nothing), for named weights before any download.
+    ``key`` names the config key in messages (default ``model.<role>``; a teacher run's model is ``model.teacher``).
     """
-    key = f"model.{role}"
+    key = key or f"model.{role}"
     family = check_model_name(name, key)
     weight_file = weights if weights and is_weight_file(weights) else None
     enum_name = weights if weights and not weight_file else None
-    state = load_state_dict_file(weight_file) if weight_file else None
     if family in ("local", "user") and enum_name:
         raise UserError(f"config key '{key}_weights': '{name}' has no pretrained weights by name ('{enum_name}'); give a weight file")
+    if role == "teacher" and enum_name:  # refused before a download that could not help
+        known = pretrained_classes(name, enum_name, key)
+        if known is not None and known != num_classes:
+            raise _teacher_mismatch(name, enum_name, known, num_classes)
+    state = load_state_dict_file(weight_file) if weight_file else None
     if family == "user":
         model = _user_model(name, num_classes, in_channels, key)
     elif family == "local":
@@ -320,13 +397,18 @@ def build_model(
     else:
         timm = _timm()
         tname = name.removeprefix("timm/")
+        if enum_name and enum_name not in (PRETRAINED, "DEFAULT"):
+            raise UserError(f"config key '{key}_weights': timm models take '{PRETRAINED}' (the weights of the tag in the model "
+                            f"name, e.g. timm/resnet18.a1_in1k) or a weight file, not '{enum_name}'")
         try:
             if enum_name:  # timm picks weights by the tag in the model name (resnet50.a1_in1k)
                 model = timm.create_model(tname, pretrained=True, in_chans=in_channels)
             else:
                 model = timm.create_model(tname, pretrained=False, num_classes=num_classes, in_chans=in_channels)
         except Exception as e:
-            raise UserError(f"config key '{key}': could not build timm model '{tname}' ({_first_line(e)[:160]})") from None
+            offline = (f"; without network, put its weights in the Hugging Face cache ($HF_HOME) or give {key}_weights=FILE"
+                       if enum_name else "")
+            raise UserError(f"config key '{key}': could not build timm model '{tname}' ({_first_line(e)[:160]}){offline}") from None
     if family == "user" and _last_linear(model) is None:  # e.g. a 1x1-conv head: trust its num_classes
         if state is not None:
             load_weights(model, state, str(weight_file), name)
@@ -341,17 +423,18 @@ def build_model(
     if out != num_classes:
         source = f" (from {weights})" if weights else ""
         if role == "teacher":
+            if weights:
+                raise _teacher_mismatch(name, weights, out, num_classes)
+            raise UserError(f"model.teacher '{name}' has {out} outputs but the data has {num_classes} classes")
+        if replace_head_if_needed is False:
             raise UserError(
-                f"model.teacher '{name}'{source} has {out} outputs but the data has {num_classes} classes: a teacher "
-                f"must be trained on the same classes (give a teacher for this data, or model.teacher_weights=null "
-                f"to train one first)"
+                f"{key} '{name}'{source} has {out} outputs but the data has {num_classes} classes: "
+                f"set model.replace_head=true (or leave it null) to put a new {num_classes}-way head on it"
             )
-        if not replace_head_if_needed:
-            raise UserError(
-                f"model.{role} '{name}'{source} has {out} outputs but the data has {num_classes} classes: "
-                f"set model.replace_head=true to put a new {num_classes}-way head on it"
-            )
-        replace_head(model, num_classes)
+        _new_head(model, num_classes, family)
+        if log is not None:
+            log(f"{name}{source} predicts {out} classes, the data has {num_classes}: its classifier is replaced by a new "
+                f"{num_classes}-way head, trained from scratch with the rest fine-tuned (model.replace_head=false refuses instead)")
     return model
 
 

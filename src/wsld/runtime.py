@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import sys
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -29,6 +30,30 @@ class Runtime:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+
+_workers_said: set[int] = set()
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity, as torch's DataLoader counts them)."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def loader_workers(requested: int) -> int:
+    """``data.workers`` clipped to the usable cores: more loader processes than cores only contend
+    (torch warns about it, once per loader); one line says so instead, once per process."""
+    cores = usable_cores()
+    if requested <= cores:
+        return requested
+    if requested not in _workers_said and int(os.environ.get("RANK", "0")) == 0:
+        _workers_said.add(requested)
+        print(f"[wsld] note: data.workers={requested} is more than the {cores} CPU cores this process can use: "
+              f"{cores} loader workers", file=sys.stderr, flush=True)
+    return cores
 
 
 def setup_runtime(device: Optional[str] = None) -> Runtime:

@@ -1,8 +1,10 @@
 """``wsld train CONFIG --teacher-only``: train the config's teacher as a run of its own, labelled a teacher.
 
 The usual "train my own teacher, then distil" recipe: the teacher is trained with CE and the
-config's ``teacher_train`` recipe on the config's data (exactly what the cache would hold), in a run
-folder the user names, and its weights land in ``RUN/teacher.safetensors`` for ``model.teacher_weights``.
+config's ``teacher_train`` recipe on the config's data, from scratch (exactly what the cache would
+hold) or, with ``model.teacher_weights``, fine-tuned from those weights (ImageNet's, with a new head
+for the data's classes), in a run folder the user names; its weights land in
+``RUN/teacher.safetensors`` for ``model.teacher_weights`` of the distillation run.
 """
 
 from __future__ import annotations
@@ -46,8 +48,6 @@ def run_teacher_only(args: argparse.Namespace, config_path: Optional[str], overr
     else:
         cfg = load_config(config_path, overrides)
         absolute_paths(cfg, os.getcwd())
-        if cfg.model.teacher_weights:
-            note(f"model.teacher_weights={cfg.model.teacher_weights} is ignored: --teacher-only trains {cfg.model.teacher} from scratch")
         tcfg = teacher_training_config(cfg)
         run_dir = Path(os.path.abspath(args.out or default_teacher_dir(cfg.data.dataset, cfg.model.teacher)))
         if (run_dir / "last.pt").exists() or (run_dir / "summary.json").exists():
@@ -63,7 +63,8 @@ def run_teacher_only(args: argparse.Namespace, config_path: Optional[str], overr
     if int(os.environ.get("RANK", "0")) == 0:
         weights = run_dir / TEACHER_WEIGHTS
         out = sys.stdout
-        print(f"\nwsld result: teacher {summary['student']} trained with CE, {summary['epochs']} epochs, run {run_dir}", file=out)
+        start = f"fine-tuned from {tcfg.model.student_weights}" if tcfg.model.student_weights else "trained from scratch"
+        print(f"\nwsld result: teacher {summary['student']} {start} with CE, {summary['epochs']} epochs, run {run_dir}", file=out)
         print(f"  teacher {summary['student']:<14} top-1 {summary['last_top1']:6.2f}  top-5 {summary['last_top5']:6.2f}  <- last epoch, the weights kept", file=out)
         print(f"  weights: {weights}", file=out)
         same = [o for o in overrides if not o.startswith("model.teacher_weights=")] if not args.resume else []

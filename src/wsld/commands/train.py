@@ -24,6 +24,65 @@ def split_config_and_overrides(items: list[str]) -> tuple[str | None, list[str]]
     return config, overrides
 
 
+# timm's train.py flags -> what wsld takes instead: a config key (key=value), another option, or
+# None (dropped: the class count comes from the data). Read only to answer a flag wsld does not know.
+TIMM_FLAGS: dict[str, Optional[str]] = {
+    "--epochs": "train.epochs", "--lr": "train.lr", "--batch-size": "data.batch_size_per_device",
+    "-b": "data.batch_size_per_device", "--model": "model.student", "--weight-decay": "train.weight_decay",
+    "--momentum": "train.momentum", "--seed": "train.seed", "--workers": "data.workers", "-j": "data.workers",
+    "--opt": "train.optimizer", "--sched": "train.schedule", "--warmup-epochs": "train.warmup_epochs",
+    "--img-size": "data.image_size", "--smoothing": "distill.label_smoothing", "--clip-grad": "train.grad_clip",
+    "--model-ema-decay": "train.ema_decay", "--data-dir": "data.data_path", "--output": "--out",
+    "--num-classes": None, "--pretrained": "model.student_weights",
+}  # fmt: skip
+TIMM_SWITCHES = {"--pretrained": "pretrained"}  # flags without a value: the value they stand for
+
+
+def timm_flag_hint(argv: list[str]) -> Optional[str]:
+    """One line for a timm-style flag given to ``wsld train``: the same command in wsld's spelling."""
+    import shlex
+
+    fixed, seen, i = [], [], 0
+    while i < len(argv):
+        flag, _, inline = argv[i].partition("=")
+        if flag not in TIMM_FLAGS or not argv[i].startswith("-"):
+            fixed.append(argv[i])
+            i += 1
+            continue
+        if flag in TIMM_SWITCHES:
+            value, i = TIMM_SWITCHES[flag], i + 1
+        elif inline or "=" in argv[i]:
+            value, i = inline, i + 1
+        else:
+            value, i = (argv[i + 1] if i + 1 < len(argv) else "N"), i + 2
+        key = TIMM_FLAGS[flag]
+        seen.append(argv[i - 1] if flag in TIMM_SWITCHES or "=" in argv[i - 1] else f"{flag} {value}")
+        if key is None:
+            continue
+        fixed += [key, value] if key.startswith("-") else [f"{key}={value}"]
+    if not seen:
+        return None
+    dropped = " (the class count comes from the data)" if any(x.startswith("--num-classes") for x in seen) else ""
+    verb = "is timm's spelling" if len(seen) == 1 else "are timm's spelling"
+    return f"{', '.join(seen)} {verb}; wsld train takes section.key=value overrides{dropped}: wsld {shlex.join(fixed)}"
+
+
+def habit_refusal(args: argparse.Namespace, config_path: Optional[str], overrides: list[str]) -> Optional[str]:
+    """One line, with the command that works, for a habit from other trainers: ``--resume RUN/last.pt``
+    (wsld resumes a run folder) or a data folder where the config file goes (timm's ``train.py DATA_DIR``)."""
+    import shlex
+
+    rest = [*overrides, *(["--teacher-only"] if args.teacher_only else [])]
+    if args.resume and Path(args.resume).is_file():
+        folder = os.path.dirname(args.resume) or "."
+        return (f"--resume takes the run folder, not a file in it ({args.resume}): "
+                f"wsld train --resume {shlex.join([folder, *rest])}")
+    if config_path is not None and Path(config_path).is_dir():
+        return (f"{config_path} is a folder, not a config file: the data folder goes in data.data_path, e.g. for photos in "
+                f"class folders: wsld train {shlex.join(['configs/own_photos_small.yaml', f'data.data_path={config_path}', *rest])}")
+    return None
+
+
 def elastic_restart() -> bool:
     """True in a job that torchrun restarted after a failure (``--max-restarts``)."""
     return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0
@@ -59,7 +118,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="train only the config's teacher (model.teacher, CE with the teacher_train recipe) as a run of its own in "
         "RUN_DIR, labelled a teacher; its weights go to RUN_DIR/teacher.safetensors for model.teacher_weights",
     )  # fmt: skip
-    p.set_defaults(func=run, extra_args_dest="args")
+    p.set_defaults(func=run, extra_args_dest="args", unknown_option_hint=timm_flag_hint, keeps_console_log=True)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -74,6 +133,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from wsld.config import load_config, to_dict
+    from wsld.models import TeacherNeedsTraining
     from wsld.engine.resume import absolute_paths
     from wsld.engine.previous_runs import previous_runs_note
     from wsld.engine.rundir import RESUME_SAFE_KEYS, config_diff, default_run_dir
@@ -82,6 +142,8 @@ def _run(args: argparse.Namespace) -> int:
     from wsld.teachers.training import is_teacher_run
 
     config_path, overrides = split_config_and_overrides(args.args)
+    if why := habit_refusal(args, config_path, overrides):
+        raise UserError(why)
     if args.teacher_only or (args.resume and is_teacher_run(Path(args.resume))):
         from wsld.commands.teacher_only import run_teacher_only
 
@@ -118,13 +180,30 @@ def _run(args: argparse.Namespace) -> int:
             raise UserError(f"{run_dir} already holds a run: use --resume {run_dir} to continue it, or another --out")
         check_baseline_dir(args, cfg, run_dir, config_path, overrides)
         args.run_dir_in_use = run_dir  # for the Ctrl-C line (wsld.cli)
-        summary = run_training(cfg, run_dir)
+        try:
+            summary = run_training(cfg, run_dir)
+        except TeacherNeedsTraining as e:  # an ImageNet teacher on other classes: the two commands that work
+            raise UserError(f"{e}: {fine_tune_first(args, config_path, overrides, cfg, e.weights)}") from None
     baseline = None
     if wants_baseline(args, cfg, config_path, overrides):
         baseline = train_baseline(cfg, Path(summary["run_dir"]))
     if int(os.environ.get("RANK", "0")) == 0:
-        print_report(summary, baseline)
+        print_report(summary, baseline, cfg.train.lr)
     return 0
+
+
+def fine_tune_first(args: argparse.Namespace, config_path: Optional[str], overrides: list[str], cfg, start: str) -> str:
+    """The two commands that give a pretrained teacher the data's classes, then distil from it."""
+    import shlex
+
+    from wsld.teachers.training import TEACHER_WEIGHTS
+
+    teacher_dir = f"{args.out}-teacher" if args.out else f"runs/teacher-{cfg.data.dataset}"
+    head = ["wsld", "train", *([config_path] if config_path else [])]
+    kept = [o for o in overrides if not o.startswith("model.teacher_weights=")]
+    first = [*head, *kept, f"model.teacher_weights={start}", "--teacher-only", "--out", teacher_dir]
+    second = [*head, *kept, f"model.teacher_weights={teacher_dir}/{TEACHER_WEIGHTS}", *(["--out", args.out] if args.out else [])]
+    return f"fine-tune it first, then distil: {shlex.join(first)} && {shlex.join(second)}"
 
 
 def resume_config(run_dir: Path, overrides: list[str]):
@@ -209,7 +288,7 @@ def train_baseline(cfg, run_dir: Path) -> Optional[dict]:
     return run_training(ce_cfg, ce_dir, resume=(ce_dir / "last.pt").is_file())
 
 
-def print_report(s: dict, baseline: Optional[dict] = None) -> None:
+def print_report(s: dict, baseline: Optional[dict] = None, train_lr: Optional[float] = None) -> None:
     out = sys.stdout
     source = s["teacher"] or (f"soft labels {s['soft_labels']}" if s.get("soft_labels") else "no teacher")
     print(f"\nwsld result: {s['loss']} ({source} -> {s['student']}), {s['epochs']} epochs, run {s['run_dir']}", file=out)
@@ -228,4 +307,7 @@ def print_report(s: dict, baseline: Optional[dict] = None) -> None:
         name = "student alone (CE)"
         print(f"  {name:<22} top-1 {baseline['last_top1']:6.2f}  top-5 {baseline['last_top5']:6.2f}  <- same student, seed and recipe, no teacher (run {baseline['run_dir']})", file=out)
         gain = s["last_top1"] - baseline["last_top1"]
-        print(f"  {s['loss']} - CE: {gain:+.2f} points on this one seed (one run: no interval; `wsld demo` repeats it over seeds with 95% CIs)", file=out)
+        lr = f" (train.lr {train_lr:g})" if train_lr is not None else ""
+        print(f"  {s['loss']} - CE: {gain:+.2f} points, and what it is not: one seed (no interval), CE at {s['loss']}'s learning "
+              f"rate{lr} rather than one tuned for it, so not the method's gain (`wsld demo` compares tuned rows over seeds "
+              "with 95% CIs)", file=out)

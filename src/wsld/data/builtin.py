@@ -152,8 +152,54 @@ BUILTIN_DATASETS: dict[str, dict] = {
 }
 
 
+def _has_images(folder: Path, limit: int = 50) -> bool:
+    """Whether ``folder`` directly holds an image file (looking at ``limit`` entries at most)."""
+    from wsld.data.images import is_image_name
+
+    try:
+        with os.scandir(folder) as it:
+            for n, entry in enumerate(it):
+                if n >= limit:
+                    return False
+                if is_image_name(entry.name) and entry.is_file():
+                    return True
+    except OSError:
+        return False
+    return False
+
+
+def photo_tree_layout(root: Path) -> Optional[str]:
+    """``split`` for ROOT/<split>/<class>/<images>, ``classes`` for ROOT/<class>/<images>, else None."""
+    if not root.is_dir():
+        return None
+    try:
+        subs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))[:20]
+    except OSError:
+        return None
+    for sub in subs:
+        if any(c.is_dir() and _has_images(c) for c in sorted(sub.iterdir())[:20] if not c.name.startswith(".")):
+            return "split"
+    return "classes" if any(_has_images(sub) for sub in subs) else None
+
+
+def refuse_photo_tree(name: str, data_path: Optional[str]) -> None:
+    """A folder of photos in class folders given to a built-in dataset: one line with the command for photos."""
+    if not data_path:
+        return
+    root = Path(os.path.expanduser(data_path))
+    layout = photo_tree_layout(root)
+    if layout is None:
+        return
+    cmd = f"wsld train configs/own_photos_small.yaml data.data_path={root}"
+    how = (f"train on them with: {cmd} (or add data.format=folder data.dataset=NAME to your config)" if layout == "split"
+           else f"put them in {root}/train/<class>/ and {root}/val/<class>/, then: {cmd}")
+    raise DataError(f"data.data_path={root} holds photos in class folders, but data.dataset={name} is a built-in "
+                    f"dataset (data.format=builtin) that reads its own files; {how}")
+
+
 def build_builtin(name: str, split: str, data_path: Optional[str], train: bool, augment: bool, hflip: bool):
     spec = BUILTIN_DATASETS[name]
+    refuse_photo_tree(name, data_path)
     loaded = spec["load"](split, data_path=data_path)
     images, targets = loaded[0], loaded[1]
     classes = loaded[2] if len(loaded) > 2 else spec["classes"]

@@ -47,7 +47,7 @@ from wsld.errors import CheckpointError, UserError
 from wsld.files import atomic_write_text
 from wsld.losses.registry import build_loss
 from wsld.models import build_model, check_model_name, load_weights
-from wsld.runtime import Runtime, amp_dtype_for, barrier, compile_module, seed_everything, set_cpu_threads, use_channels_last
+from wsld.runtime import Runtime, amp_dtype_for, barrier, compile_module, loader_workers, seed_everything, set_cpu_threads, use_channels_last
 from wsld.teachers.base import TeacherSource
 from wsld.teachers.live import set_teacher_bn_mode
 
@@ -66,7 +66,7 @@ def make_loader(
     global random stream that dropout and friends use (exact resume needs that).
     """
     return DataLoader(
-        dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate_fn or collate_skip_corrupt,
+        dataset, batch_size=batch_size, sampler=sampler, num_workers=(workers := loader_workers(workers)), collate_fn=collate_fn or collate_skip_corrupt,
         pin_memory=device.type == "cuda", drop_last=drop_last, persistent_workers=False,
         prefetch_factor=4 if workers > 0 else None, generator=torch.Generator().manual_seed(seed),
         worker_init_fn=ignore_stop_signals_in_worker if workers > 0 else None,
@@ -134,7 +134,7 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)  # student init independent of what ran before
         self.student = build_model(
             cfg.model.student, info.num_classes, in_channels=info.in_channels, weights=cfg.model.student_weights,
-            replace_head_if_needed=cfg.model.replace_head, role="student",
+            replace_head_if_needed=cfg.model.replace_head, role="student", log=self.say, key=f"model.{self.role}",
         )  # fmt: skip
         dev = rt.device
         self.channels_last = use_channels_last(cfg.model.channels_last, dev)

@@ -1,4 +1,4 @@
-"""The run directory: taking it (lock, then checks), metrics.jsonl + TensorBoard, write probes, default names, and which config keys a resume may change."""
+"""The run directory: taking it (lock, then checks), metrics.jsonl + TensorBoard (and log.txt, wsld.console_log), write probes, default names, and which config keys a resume may change."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
+from wsld import console_log
 from wsld.errors import UserError
 from wsld.files import atomic_write_text
 from wsld.locks import DirLock
@@ -37,6 +38,7 @@ class MetricsLog:
         self.tb = None
         if not enabled:
             return
+        console_log.attach(run_dir, fresh=not purge_step)  # log.txt beside it: the command's console output
         if keep_lines is not None and self.path.exists():
             kept = self.path.read_text(encoding="utf-8").splitlines()[:keep_lines]
             atomic_write_text(self.path, "".join(line + "\n" for line in kept))

@@ -18,7 +18,10 @@ from wsld.data.lmdb_files import first_line, no_space, reading
 from wsld.data.sampling import sample_seed
 from wsld.out_folder import LOCK_NAME, TakenFolder, take_folder
 from wsld.errors import DataError, UserError
-from wsld.runtime import Runtime, amp_dtype_for, autocast, broadcast_object, compile_module, seed_everything, set_cpu_threads, use_channels_last
+from wsld.runtime import (
+    Runtime, amp_dtype_for, autocast, broadcast_object, compile_module, loader_workers, seed_everything, set_cpu_threads,
+    use_channels_last,
+)
 from wsld.soft_labels.crops import CropRecorder, is_sample
 from wsld.soft_labels.store import (
     COMPLETE_KEY, FINISH_HINT, FORMAT, FORMAT_VERSION, IDENTITY_KEYS, META_KEY, PRECISIONS, REMAKE_HINT, crop_data_config, encode_value,
@@ -289,9 +292,10 @@ def _make(cfg, out: Path, crops: int, topk: int, precision: str, batch_size: Opt
             f"device={dev}, amp={amp}, {rt.world_size} process(es) -> {out}"
         )
         mine = batches[rt.rank :: rt.world_size]
+        workers = loader_workers(cfg.data.workers)
         loader = iter(torch.utils.data.DataLoader(
-            ImageCrops(train_ds, crops, cfg.train.seed), batch_sampler=mine, num_workers=cfg.data.workers,
-            collate_fn=keep_list, prefetch_factor=4 if cfg.data.workers > 0 else None,
+            ImageCrops(train_ds, crops, cfg.train.seed), batch_sampler=mine, num_workers=workers,
+            collate_fn=keep_list, prefetch_factor=4 if workers > 0 else None,
         ))  # fmt: skip
         rounds = -(-len(batches) // rt.world_size)
         bar = tqdm(total=todo, desc="soft labels", unit="img", disable=not (cfg.train.progress and rt.is_main), mininterval=1.0)

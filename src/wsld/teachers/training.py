@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 from typing import Callable, Optional
 
+from wsld import console_log
 from wsld.checkpoint import load_checkpoint, save_weights
 from wsld.config import Config, load_config, to_dict
 from wsld.engine.loop import Trainer
@@ -38,7 +39,11 @@ def teacher_training_config(cfg: Config) -> Config:
     d["teacher_train"] = src["teacher_train"]
     for k in ("sync_bn", "channels_last", "compile", "teacher_cache"):
         d["model"][k] = src["model"][k]
-    d["model"].update(student=cfg.model.teacher, student_weights=None, teacher_weights=None, replace_head=False)
+    # model.teacher_weights, if any, is where the teacher's training starts (--teacher-only: a pretrained
+    # network fine-tuned on this data, with a new head if its classes differ); null: from scratch, as cached
+    start = cfg.model.teacher_weights
+    d["model"].update(student=cfg.model.teacher, student_weights=start, teacher_weights=None,
+                      replace_head=cfg.model.replace_head if start else False)
     d["distill"].update(loss="ce")
     for k in ("base_batch_size", "optimizer", "momentum", "nesterov", "wd_norm_bias", "step_size", "milestones",
               "gamma", "grad_clip", "amp", "seed", "deterministic", "nan_policy", "log_every", "progress", "threads"):  # fmt: skip
@@ -115,7 +120,8 @@ def ensure_teacher(cfg: Config, rt: Runtime, log: Callable[[str], None]) -> str:
         tcfg = teacher_training_config(cfg)
         run = cache / "run"
         log(f"teacher: no model.teacher_weights given, training {cfg.model.teacher} with CE for {tcfg.train.epochs} epochs (cached in {cache})")
-        train_teacher_run(tcfg, run, rt, resume=(run / "last.pt").is_file(), weights=weights)
+        with console_log.detached_after():  # the cache entry's log.txt holds the teacher's part only
+            train_teacher_run(tcfg, run, rt, resume=(run / "last.pt").is_file(), weights=weights)
         return str(weights)
     finally:
         lock.release()
