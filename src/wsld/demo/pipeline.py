@@ -353,7 +353,14 @@ def _run(s: Settings, out: Path, command: str, progress: bool, clear_hint: str, 
     timings_path = out / "timings.json"
     timings = json.loads(timings_path.read_text(encoding="utf-8")) if timings_path.is_file() else {}
     timings.update({k: round(v, 1) for k, v in times.items()})
-    atomic_write_text(timings_path, json.dumps(timings, indent=2))
+    # every invocation that trained something: an interrupted comparison's time is their sum
+    invocations = [i for i in timings.pop("_invocations", []) if isinstance(i, dict)]
+    wall_s, cpu_s = time.perf_counter() - t_start, cpu_seconds() - cpu_start
+    if times:
+        invocations.append({"started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(time.time() - wall_s)),
+                            "wall_s": round(wall_s, 1), "cpu_s": round(cpu_s, 1), "runs": len(times),
+                            "load_start": load_start, "load_end": os.getloadavg()[0]})  # fmt: skip
+    atomic_write_text(timings_path, json.dumps({**timings, "_invocations": invocations}, indent=2))
     meta = {
         "command": command,
         "settings": s.identity(),
@@ -362,8 +369,9 @@ def _run(s: Settings, out: Path, command: str, progress: bool, clear_hint: str, 
                     "load_end": os.getloadavg()[0],
                     "device": "CUDA " + torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"},
         "estimate_s": {"cpu_low": lo, "cpu_high": hi, "wall_low": lo / jobs, "wall_high": hi / jobs},
-        "wall_s": time.perf_counter() - t_start,
-        "cpu_s": cpu_seconds() - cpu_start,
+        "wall_s": wall_s,
+        "cpu_s": cpu_s,
+        "invocations": invocations,
         "runs_s": sum(times.values()),
         "quick_note": quick_note,
         "runs": [{"name": sp.name, "phase": sp.phase, "row": sp.row, "seed": sp.seed, "config": str(sp.config_path),

@@ -23,6 +23,20 @@ def _names(keys: list[str]) -> str:
     return ", ".join(SHORT_NAMES[k] for k in keys)
 
 
+def time_sentence(meta: dict[str, Any]) -> str:
+    """Wall and CPU time of the invocations that trained the runs (one, unless it was interrupted), and the estimate."""
+    inv = meta.get("invocations") or []
+    est = meta["estimate_s"]
+    estimate = duration(est["wall_low"]) + (f" to {duration(est['wall_high'])}" if est["wall_high"] > est["wall_low"] else "")
+    if not inv:
+        return (f"Every run was reused from an earlier invocation; this one took {duration(meta['wall_s'])} of wall time "
+                f"(estimate for the whole comparison: {estimate}).")
+    wall, cpu = sum(i["wall_s"] for i in inv), sum(i["cpu_s"] for i in inv)
+    where = "in one invocation" if len(inv) == 1 else f"summed over {len(inv)} invocations (it was interrupted and continued)"
+    return (f"Training took **{duration(wall)}** of wall time and **{duration(cpu)}** of CPU time (the command's "
+            f"own process and its runs), {where}; estimated before it started: {estimate} of wall time.")
+
+
 def results_table(res: dict[str, Any]) -> list[str]:
     t = res["teacher"]
     seeds = [r["seed"] for r in next(iter(res["rows"].values()))["seeds"]]
@@ -124,11 +138,8 @@ def write_report(out: Path, res: dict[str, Any], meta: dict[str, Any], plots: li
     lines += [
         f"Command: `{meta['command']}`", "",
         f"Machine: {m['cpus']} CPU cores, {m['device']}, torch {m['torch']}; {meta['jobs']} run(s) at a time, "
-        f"{meta['threads']} thread(s) each. This invocation took **{duration(meta['wall_s'])}** of wall time and "
-        f"**{duration(meta['cpu_s'])}** of CPU time (its own and its runs'; estimated before it started: "
-        f"{duration(meta['estimate_s']['wall_low'])}" + (f" to {duration(meta['estimate_s']['wall_high'])}"
-        if meta['estimate_s']['wall_high'] > meta['estimate_s']['wall_low'] else "") + " of wall time). Load average "
-        f"(1 min) at its start / end: {m['load_start']:.1f} / {m['load_end']:.1f}"
+        f"{meta['threads']} thread(s) each. " + time_sentence(meta) + f" Load average (1 min) at the start / end of "
+        f"this invocation: {m['load_start']:.1f} / {m['load_end']:.1f}"
         + (" (above the core count: other programs competed for the CPU)." if busy else "."), "",
         f"Data: {d['classes']} classes, {d['train_images']:,} training images, {d['test_images']:,} test (val split) "
         f"images. Student `{res['student']}`, {_epochs(res['epochs']['student'])} per run; teacher "
