@@ -81,8 +81,11 @@ def test_only_rank_zero_writes_files(runs):
     _, two, _, files_after_crash, stdout = runs
     assert len(list((two / "tb").glob("events.out.tfevents.*"))) == 2  # rank 0: first run + resumed run
     assert len([f for f in files_after_crash if f.startswith("tb/")]) == 1
-    assert sorted(p.name for p in two.iterdir()) == ["best.pt", "config.yaml", "last.pt", "metrics.jsonl", "run.json", "summary.json", "tb"]
+    assert sorted(p.name for p in two.iterdir()) == ["best.pt", "config.yaml", "last.pt", "log.txt", "metrics.jsonl", "run.json", "summary.json", "tb"]
     assert stdout.count("wsld result") == 1  # the report is printed by rank 0 only
+    # log.txt holds rank 0's console only: one start line per command (the crashed one, the resume), one report
+    log = (two / "log.txt").read_text()
+    assert log.count("# wsld train") == 2 and log.count("[wsld] student: cnn_student") == 2 and log.count("wsld result") == 1
     # one writer: each metrics line is whole JSON and no record is written twice
     recs = records(two)
     steps = [r["global_step"] for r in recs if r["kind"] == "train"]
