@@ -145,6 +145,19 @@ def test_timm_pretrained_weights_start_a_student_with_a_new_head(tmp_path, monke
     assert torch.equal(weights["conv1.0.weight"], state["conv1.0.weight"]) and tuple(weights["fc.weight"].shape)[0] == 3
 
 
+def test_the_small_data_recipe_fits_a_few_hundred_photos_on_a_cpu():
+    from wsld.config import load_config
+
+    cfg = load_config(REPO / "configs" / "own_photos_small.yaml", ["data.data_path=/photos"])
+    assert cfg.data.format == "folder" and cfg.data.batch_size <= 32 and cfg.data.workers <= 2 and cfg.data.image_size <= 160
+    assert (cfg.model.teacher_weights, cfg.model.student_weights, cfg.model.replace_head) == ("IMAGENET1K_V1", "IMAGENET1K_V1", None)
+    assert cfg.train.epochs + cfg.teacher_train.epochs <= 20
+    readme = (REPO / "README.md").read_text()
+    assert "wsld train configs/own_photos_small.yaml data.data_path=ROOT --teacher-only --out runs/teacher" in readme
+    assert ("wsld train configs/own_photos_small.yaml data.data_path=ROOT "
+            "model.teacher_weights=runs/teacher/teacher.safetensors --out runs/student") in readme  # fmt: skip
+
+
 # -- messages for habits from other trainers: one line, the command that works
 
 

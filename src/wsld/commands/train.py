@@ -116,7 +116,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--teacher-only", action="store_true",
         help="train only the config's teacher (model.teacher, CE with the teacher_train recipe) as a run of its own in "
-        "RUN_DIR, labelled a teacher; its weights go to RUN_DIR/teacher.safetensors for model.teacher_weights",
+        "RUN_DIR, labelled a teacher, from scratch or fine-tuned from model.teacher_weights (e.g. IMAGENET1K_V1: a new "
+        "head for the data's classes); its weights go to RUN_DIR/teacher.safetensors for model.teacher_weights",
     )  # fmt: skip
     p.set_defaults(func=run, extra_args_dest="args", unknown_option_hint=timm_flag_hint, keeps_console_log=True)
 

@@ -122,7 +122,7 @@ class Trainer:
         self.per_rank_batch = cfg.data.batch_size // rt.world_size
         if len(self.train_ds) < cfg.data.batch_size:
             raise UserError(
-                f"config key 'data.batch_size': {cfg.data.batch_size} is larger than the training split ({len(self.train_ds)} images)"
+                f"config key 'data.batch_size': {cfg.data.batch_size} is larger than the training split ({len(self.train_ds)} images): give a smaller one (configs/own_photos_small.yaml is the recipe for a few hundred photos)"
             )
         # models
         self.loss = build_loss(cfg.distill)
