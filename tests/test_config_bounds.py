@@ -73,3 +73,21 @@ def test_end_to_end_extremes_finish_or_stop_with_one_line(tmp_path):
         assert "Traceback" not in p.stderr, (override, p.stderr[-2000:])
         if p.returncode:
             assert len([ln for ln in p.stderr.splitlines() if ln.startswith("wsld: error:")]) == 1, p.stderr
+
+
+def test_an_image_size_a_model_cannot_take_is_one_line(tmp_path, capsys):
+    """data.image_size=2 passes validation (>= 1) but pools to nothing in cnn_teacher: one line
+    naming the model and the size, before any training (was a RuntimeError traceback)."""
+    from data_fixtures import encode, error_line, photo, wsld
+
+    for split in ("train", "val"):
+        for c, cls in enumerate(("cat", "dog")):
+            (tmp_path / "d" / split / cls).mkdir(parents=True)
+            (tmp_path / "d" / split / cls / "0.jpg").write_bytes(encode(photo(c, 40, 30)))
+    rc, _, err = wsld(capsys, "train", "data.format=folder", f"data.data_path={tmp_path / 'd'}", "data.image_size=2",
+                      "data.val_resize=2", "data.crop_padding=2", "data.batch_size=2", "data.workers=0",
+                      "train.progress=false", "model.teacher=cnn_teacher", "model.student=cnn_student",
+                      f"model.teacher_cache={tmp_path / 'cache'}", "--out", tmp_path / "run")  # fmt: skip
+    assert rc == 2
+    line = error_line(err)
+    assert "model 'cnn_teacher' cannot take 3 x 2 x 2 images" in line and "data.image_size" in line

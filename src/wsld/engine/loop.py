@@ -46,6 +46,7 @@ from wsld.engine.stopping import StopRequest, TrainingStopped, ignore_stop_signa
 from wsld.errors import CheckpointError, UserError
 from wsld.files import atomic_write_text
 from wsld.losses.registry import build_loss
+from wsld.model_input import check_takes_images
 from wsld.models import build_model, check_model_name, load_weights
 from wsld.runtime import Runtime, amp_dtype_for, barrier, compile_module, loader_workers, seed_everything, set_cpu_threads, use_channels_last
 from wsld.teachers.base import TeacherSource
@@ -136,6 +137,7 @@ class Trainer:
             cfg.model.student, info.num_classes, in_channels=info.in_channels, weights=cfg.model.student_weights,
             replace_head_if_needed=cfg.model.replace_head, role="student", log=self.say, key=f"model.{self.role}",
         )  # fmt: skip
+        check_takes_images(self.student, cfg.model.student, info.in_channels, info.image_size, info.num_classes)
         dev = rt.device
         self.channels_last = use_channels_last(cfg.model.channels_last, dev)
         mf = torch.channels_last if self.channels_last else torch.contiguous_format

@@ -8,6 +8,7 @@ import torch
 
 from wsld.config import Config
 from wsld.data import DataInfo
+from wsld.model_input import check_takes_images
 from wsld.models import build_model
 from wsld.runtime import Runtime, amp_dtype_for, compile_module, use_channels_last
 from wsld.teachers.base import TeacherSource
@@ -28,6 +29,7 @@ def open_teacher_source(cfg: Config, rt: Runtime, info: DataInfo, log: Callable[
         cfg.model.teacher, info.num_classes, in_channels=info.in_channels, weights=weights,
         replace_head_if_needed=False, role="teacher",
     )  # fmt: skip
+    check_takes_images(model, cfg.model.teacher, info.in_channels, info.image_size, info.num_classes)
     mf = torch.channels_last if use_channels_last(cfg.model.channels_last, rt.device) else torch.contiguous_format
     model.to(rt.device, memory_format=mf)
     forward = compile_module(model) if cfg.model.compile else model
