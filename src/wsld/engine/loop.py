@@ -133,10 +133,8 @@ class Trainer:
                 raise RuntimeError("a distillation loss needs a teacher: build the trainer with wsld.run.build_trainer")
             self.teacher = self.teacher_factory(info, self.say)
         torch.manual_seed(cfg.train.seed)  # student init independent of what ran before
-        self.student = build_model(
-            cfg.model.student, info.num_classes, in_channels=info.in_channels, weights=cfg.model.student_weights,
-            replace_head_if_needed=cfg.model.replace_head, role="student", log=self.say, key=f"model.{self.role}",
-        )  # fmt: skip
+        self.student = build_model(cfg.model.student, info.num_classes, in_channels=info.in_channels, weights=cfg.model.student_weights,
+                                   replace_head_if_needed=cfg.model.replace_head, role="student", log=self.say, key=f"model.{self.role}")
         check_takes_images(self.student, cfg.model.student, info.in_channels, info.image_size, info.num_classes)
         dev = rt.device
         self.channels_last = use_channels_last(cfg.model.channels_last, dev)
