@@ -169,6 +169,16 @@ def test_flipped_byte_in_a_store_record_is_refused(digits_store, digits_run, tmp
     assert rc == 1
     assert f"ERROR {store}[5]: records damaged (checksum mismatch)" in out
     assert wsld(capsys, "data", "verify", digits_store, "--no-progress")[0] == 0
+    swapped = copy_lmdb(digits_store, tmp_path / "swapped")  # two images' values exchanged: each is intact
+
+    def swap(txn):
+        a, b = txn.get(image_key(3)), txn.get(image_key(4))
+        txn.put(image_key(3), b)
+        txn.put(image_key(4), a)
+
+    rewrite(swapped, swap)
+    rc, out, _ = wsld(capsys, "data", "verify", swapped, "--no-progress")
+    assert rc == 1 and out.count("records damaged (checksum mismatch)") == 2
 
 
 def test_moved_and_flipped_lmdb_records_do_not_train(packed, tmp_path, capsys):

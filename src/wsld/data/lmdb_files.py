@@ -112,16 +112,17 @@ SOFT_LABEL_STORE_KEY = b"__wsld_soft_labels_meta__"
 _CRC = struct.Struct("<I")
 
 
-def seal(payload: bytes) -> bytes:
-    """``payload`` followed by its CRC-32 (little-endian), so a flipped byte is found on read."""
-    return payload + _CRC.pack(zlib.crc32(payload))
+def seal(payload: bytes, key: bytes = b"") -> bytes:
+    """``payload`` followed by the CRC-32 (little-endian) of ``key`` and ``payload``: a flipped byte, or
+    a value read under another key (a damaged index page), is found on read."""
+    return payload + _CRC.pack(zlib.crc32(payload, zlib.crc32(key)))
 
 
-def unseal(value: bytes) -> bytes:
+def unseal(value: bytes, key: bytes = b"") -> bytes:
     """The payload of a ``seal``-ed value; ValueError when its checksum does not match."""
     if len(value) < _CRC.size:
         raise ValueError(f"{len(value)} bytes, shorter than a checksum")
     payload = bytes(value[: -_CRC.size])
-    if _CRC.unpack(bytes(value[-_CRC.size :]))[0] != zlib.crc32(payload):
+    if _CRC.unpack(bytes(value[-_CRC.size :]))[0] != zlib.crc32(payload, zlib.crc32(key)):
         raise ValueError("checksum mismatch")
     return payload

@@ -219,7 +219,8 @@ def verify_store(path: Path, emit) -> VerifyReport:
                               [0], [0])
         unreadable = 0
         for i in range(count):
-            value = _get(txn, struct.pack(">Q", i))
+            key = struct.pack(">Q", i)
+            value = _get(txn, key)
             error = None
             if isinstance(value, RecordError):
                 error = str(value)
@@ -231,7 +232,7 @@ def verify_store(path: Path, emit) -> VerifyReport:
                 payload = value
                 if sealed:
                     try:
-                        payload = unseal(value)
+                        payload = unseal(value, key)
                     except ValueError as e:
                         error = f"records damaged ({e})"
                 if error is None and len(payload) != crops * record_bytes:

@@ -350,7 +350,7 @@ def crop_records(
         rec["box"] = torch.cat([it[3][:, :4] for it in good]).numpy()
         rec["flip"] = torch.cat([it[3][:, 4] for it in good]).numpy()
         for j, it in enumerate(good):
-            values[it[0]] = encode_value(rec[j * crops : (j + 1) * crops])
+            values[it[0]] = encode_value(it[0], rec[j * crops : (j + 1) * crops])
     return values, messages
 
 

@@ -152,9 +152,10 @@ def read_meta(env, path: Path | str = "") -> tuple[Optional[dict], Optional[dict
         raise DataError(f"soft-label store {path}: its metadata record is damaged ({e}): {REMAKE_HINT}") from None
 
 
-def encode_value(records: np.ndarray) -> bytes:
-    """An image's stored value: its K packed records and their CRC-32 (format version 3)."""
-    return seal(records.tobytes())
+def encode_value(index: int, records: np.ndarray) -> bytes:
+    """Image ``index``'s stored value: its K packed records and the CRC-32 of its key and records
+    (format version 3)."""
+    return seal(records.tobytes(), image_key(index))
 
 
 def image_count(env, path: Path | str = "") -> int:
@@ -212,7 +213,7 @@ class SoftLabelStore:
             return np.frombuffer(value, dtype=self.dtype)
         if self.version >= 3:
             try:
-                value = unseal(value)
+                value = unseal(value, image_key(index))
             except ValueError as e:
                 raise DataError(f"soft-label store {self.path}: the records of image {index} are damaged ({e}): "
                                 f"{REMAKE_HINT}") from None
