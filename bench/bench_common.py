@@ -87,7 +87,8 @@ def setup_device(ap: Any, device: Optional[str], threads: Optional[int]) -> Any:
     if dev.type == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda given but CUDA is not available")
     if dev.type == "cuda":
-        torch.cuda.set_device(dev)
+        dev = dev if dev.index is not None else torch.device("cuda", torch.cuda.current_device())
+        torch.cuda.set_device(dev)  # torch 2.11 refuses set_device("cuda") without an index
     if threads:
         torch.set_num_threads(threads)
     return dev

@@ -1,26 +1,35 @@
 #!/bin/bash
-# Every GPU figure of BENCHMARKS.md ("GPU figures") in one run on one CUDA machine (about 9 minutes on
-# one H100/H200): ResNet-34 -> ResNet-18, 1000 classes, batch 256, 224 px, bf16 + channels_last unless fp32.
+# Every GPU figure of BENCHMARKS.md ("GPU figures") in one run of at most 9 minutes on one CUDA machine
+# (the parts' timeouts add up to 530 s): ResNet-34 -> ResNet-18, 1000 classes, batch 256, 224 px,
+# bf16 + channels_last unless fp32.
 #
 # Usage: bash bench/gpu_figures.sh [--dry-run] [--reference-dir PATH] [RESULTS_DIR]
-#   RESULTS_DIR   where every part writes its JSON and log (default: bench/results/gpu-<date>)
-#   --dry-run     the same parts on the CPU with tiny sizes (small models, 32-64 px, a few images; no
-#                 torch.compile part), to check the script end to end without a GPU (a few minutes)
+#   RESULTS_DIR   where the results go, 7 files (default: bench/results/gpu-<date>): gpu.txt (machine),
+#                 parts.jsonl (each part's exit status and seconds), logs.txt (every part's output),
+#                 step.json, loss.json, gpu_decode.json, gpu_e2e.json
+#   --dry-run     every part on the CPU with tiny sizes (small models, 32-64 px, a few images;
+#                 torch.compile with its eager backend), to check the script end to end without a GPU
 #   --reference-dir PATH  a checkout of the reference (bellymonster/Weighted-Soft-Label-Distillation;
 #                 absolute, or relative to the repository root like RESULTS_DIR): the step part also
 #                 times the reference's own step (bench/step.py --reference-dir), 30 s more for it
 # Each part runs under its own timeout; a part that fails or times out is recorded in parts.jsonl and
-# the next one starts. Needs wsld's dependencies importable by $PY (default python3; pip install -e .).
+# the next one starts.
 #
-# Parts: step      (a) the step limit = student step + teacher inference, the wsld step, and the
+# Dependencies: $PY (default python3) needs torch and torchvision; wsld's own code comes from src/.
+# A GPU machine without omegaconf, lmdb or simplejpeg (and no package index) gets them from cp312
+# manylinux wheels in wheels/ (git-ignored), installed with pip --no-index into wheels/site. Fetch
+# them where an index is reachable, from the repository root:
+#   pip download --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 -d wheels omegaconf lmdb simplejpeg
+#
+# Parts: step      (a) the step limit = student step + teacher inference, (c) the wsld step and the
 #                  stored-soft-labels step, fp32 and bf16+cl (cudnn.benchmark on, as wsld train on CUDA)
 #                  (and with --reference-dir, the reference's own step, fp32, against them)
-#        step_nobench  the same bf16+cl without cudnn.benchmark (what the autotuning gives)
-#        loss      the wsld loss as a share of the step
+#        loss      the wsld loss as a share of the step (of the step part's record: before compile)
+#        compile   the step with torch.compile, bf16+cl (the limit of the compiled e2e run)
 #        decode    data.decode=gpu decode rate on the device and per worker core, pixel differences
-#        e2e       (b) wsld train images/s + data-wait: data.decode=cpu at 4/8/14 workers and gpu;
-#                  (c) with stored soft labels; (d) model.compile=true; (e) fp32
-#        compile   step.py with torch.compile (last: compile time may run past its limit)
+#        e2e       wsld train in its steady state (>= 300 timed steps after a warm-up), images/s as a
+#                  fraction of the step limit measured above, loader wait, GPU busy (CUDA events):
+#                  data.decode=gpu at 8 and 4 workers, cpu at 14 and 8, stored soft labels, fp32, compile
 cd "$(dirname "$0")/.." || exit 1
 DRY=0
 REF=()
@@ -36,37 +45,57 @@ done
 PY=${PY:-python3}
 R=${1:-bench/results/gpu-$(date +%Y%m%d-%H%M%S)}
 mkdir -p "$R" || exit 1
-export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+export PYTHONPATH=$PWD/src:$PWD/wheels/site${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 
-part() {  # part NAME TIMEOUT_S COMMAND...: run it, log to $R/NAME.log, record its exit status
-    local name=$1 limit=$2 t0 rc
+if ! $PY -c "import omegaconf, lmdb, simplejpeg" 2>/dev/null; then
+    if ls wheels/*.whl >/dev/null 2>&1; then
+        echo "== installing omegaconf, lmdb, simplejpeg from wheels/ into wheels/site"
+        $PY -m pip install --quiet --no-index --no-deps --find-links wheels --target wheels/site omegaconf lmdb simplejpeg
+    fi
+    $PY -c "import omegaconf, lmdb, simplejpeg" 2>/dev/null || {
+        echo "gpu_figures.sh: $PY cannot import omegaconf, lmdb and simplejpeg, and wheels/ does not provide them; fetch them with:" \
+             "pip download --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 -d wheels omegaconf lmdb simplejpeg" >&2
+        exit 2
+    }
+fi
+
+part() {  # part NAME TIMEOUT_S COMMAND...: run it, its output appended to $R/logs.txt, its exit status to parts.jsonl
+    local name=$1 limit=$2 t0 rc log
     shift 2
     echo "== $name (timeout ${limit} s): $*"
+    log=$(mktemp)
     t0=$(date +%s)
-    timeout "$limit" "$@" >"$R/$name.log" 2>&1
+    timeout "$limit" "$@" >"$log" 2>&1
     rc=$?
+    { echo "===== $name (exit $rc): $*"; cat "$log"; } >>"$R/logs.txt"
     echo "{\"part\": \"$name\", \"exit\": $rc, \"timed_out\": $([ $rc -eq 124 ] && echo true || echo false), \"seconds\": $(($(date +%s) - t0))}" >>"$R/parts.jsonl"
-    tail -n 30 "$R/$name.log"
-    [ $rc -eq 0 ] || echo "== $name FAILED (exit $rc), see $R/$name.log"
+    tail -n 25 "$log"
+    rm -f "$log"
+    [ $rc -eq 0 ] || echo "== $name FAILED (exit $rc), see $R/logs.txt"
 }
 
 if [ $DRY -eq 1 ]; then
+    export WSLD_COMPILE_BACKEND=eager  # no C compiler needed, seconds instead of minutes
     DEV="--device cpu"
-    S="$DEV --teacher cnn_teacher --student cnn_student --classes 10 --batch-size 8 --image-size 32 --iters 2 --warmup 1 --threads 1"
+    M="--teacher cnn_teacher --student cnn_student"
+    S="$DEV $M --classes 10 --batch-size 8 --image-size 32 --iters 2 --warmup 1 --threads 1"
     L="$DEV --batch-size 8 --classes 10 --iters 2 --warmup 1 --threads 1"
     D="$DEV --images 8 --image-size 64 --batch-size 8 --repeats 1 --diff-sizes 64 --threads 1"
-    E="$DEV --images 8 --replicate 8 --classes 4 --image-size 32 --batch-size 8 --log-every 2 --threads 1
-       --teacher cnn_teacher --student cnn_student --run-timeout 240
-       --runs cpu-w0=data.decode=cpu,data.workers=0;gpu-w1=data.decode=gpu,data.workers=1;stored-gpu-w0=stored,data.decode=gpu,data.workers=0;fp32-gpu-w0=fp32,data.decode=gpu,data.workers=0"
-    T_STEP=120 T_LOSS=60 T_DECODE=120 T_E2E=600
+    E="$DEV $M --images 8 --classes 4 --image-size 32 --batch-size 8 --warmup-steps 2 --timed-steps 4 --log-every 2 --threads 1
+       --run-timeout 240 --budget-s 1500
+       --runs gpu-w1=data.decode=gpu,data.workers=1;cpu-w0=data.decode=cpu,data.workers=0;stored-gpu-w0=stored,data.decode=gpu,data.workers=0;fp32-gpu-w0=fp32,data.decode=gpu,data.workers=0;compile-gpu-w0=model.compile=true,data.decode=gpu,data.workers=0"
+    T_STEP=240 T_COMPILE=240 T_LOSS=120 T_DECODE=240 T_E2E=1600
+    COMPILED=fp32+compile  # what wsld train runs on a CPU (no amp, no channels_last), compiled
     [ ${#REF[@]} -eq 0 ] || REF+=(--classes 1000)  # the reference's loss fixes 1000 classes
+    echo "dry run on the CPU" | tee "$R/gpu.txt"
 else
     DEV="--device cuda"
     S="$DEV --batch-size 256 --image-size 224 --iters 30 --warmup 5"
-    L="$DEV --iters 100 --warmup 10"
+    L="$DEV --iters 60 --warmup 10"
     D="$DEV --images 256 --image-size 224 --batch-size 256 --repeats 3"
-    E="$DEV --run-timeout 100"
-    T_STEP=120 T_LOSS=40 T_DECODE=90 T_E2E=480
+    E="$DEV --budget-s 265 --run-timeout 90"
+    T_STEP=75 T_COMPILE=110 T_LOSS=25 T_DECODE=40 T_E2E=280
+    COMPILED=bf16+cl+compile
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$R/gpu.txt"
 fi
 T_STEP_REF=$T_STEP
@@ -76,13 +105,10 @@ $PY -c "import torch, torchvision; print('torch', torch.__version__, 'torchvisio
 # shellcheck disable=SC2086  # the option strings are meant to split into words
 {
 part step "$T_STEP_REF" $PY bench/step.py $S --configs fp32,bf16+cl --losses wsld,ce --cudnn-benchmark "${REF[@]}" --out "$R/step.json"
-part step_nobench "$T_STEP" $PY bench/step.py $S --configs bf16+cl --losses wsld,ce --no-check-variant --out "$R/step.json"
 part loss "$T_LOSS" $PY bench/loss.py $L --step-json "$R/step.json" --out "$R/loss.json"
+part compile "$T_COMPILE" $PY bench/step.py $S --configs "$COMPILED" --losses wsld,ce --cudnn-benchmark --no-check-variant --out "$R/step.json"
 part decode "$T_DECODE" $PY bench/gpu_decode.py $D --out "$R/gpu_decode.json"
-part e2e "$T_E2E" $PY bench/gpu_e2e.py $E --out-dir "$R"
-if [ $DRY -eq 0 ]; then
-    part compile 150 $PY bench/step.py $S --configs bf16+cl+compile --losses wsld,ce --cudnn-benchmark --no-check-variant --out "$R/step.json"
-fi
+part e2e "$T_E2E" $PY bench/gpu_e2e.py $E --step-json "$R/step.json" --out-dir "$R"
 }
 echo "== done: $R (parts.jsonl says which parts passed)"
 cat "$R/parts.jsonl"

@@ -65,7 +65,7 @@ from bench_common import RESULTS, append_result, command_line, machine, now, set
 from wsld.config import Config  # noqa: E402
 from wsld.engine.optim import build_optimizer  # noqa: E402
 from wsld.engine.step import StepContext, train_step  # noqa: E402
-from wsld.runtime import autocast  # noqa: E402
+from wsld.runtime import autocast, compile_module  # noqa: E402
 from wsld.teachers.live import set_teacher_bn_mode  # noqa: E402
 from wsld.losses.registry import DistillLoss  # noqa: E402
 from wsld.models import build_model  # noqa: E402
@@ -140,7 +140,7 @@ def measure_config(args, conf: dict, dev: torch.device) -> dict:
     student = build_model(args.student, args.classes, role="student").to(dev, memory_format=mf).train()
     run_teacher, run_student = teacher, student
     if conf["compile"]:
-        run_teacher, run_student = torch.compile(teacher), torch.compile(student)
+        run_teacher, run_student = compile_module(teacher), compile_module(student)  # as model.compile=true
     # the engine's optimiser (SGD, Nesterov momentum, weight decay on all parameters); a small lr
     # keeps the random-data run finite, so no step is skipped and every step does its backward
     cfg = Config()

@@ -148,3 +148,21 @@ def test_train_throughput_runs_wsld_train(tmp_path):
     # 48 images / batch 8 = 6 steps, windows of 2: the first is warm-up, two remain
     assert r["windows"] == 2 and r["images"] == 32 and r["workers"] == 0
     assert r["img_per_s"] > 0 and 0.0 <= r["data_wait_frac"] <= 1.0
+
+
+def test_gpu_e2e_pools_only_whole_windows_after_the_warm_up(tmp_path):
+    e2e = load("gpu_e2e.py")
+    recs = [{"kind": "start", "amp": "torch.bfloat16", "channels_last": True}]
+    # windows of 10 steps at batch 8: the first two are warm-up, the last (1 step) is not whole
+    for step, ips, wait, busy in [(10, 100.0, 0.9, 0.1), (20, 200.0, 0.5, 0.5), (30, 400.0, 0.1, 0.9), (40, 800.0, 0.0, 1.0), (41, 5.0, 1.0, 0.0)]:
+        recs.append({"kind": "train", "epoch": 1, "step": step, "img_per_s": ips, "data_wait_frac": wait, "gpu_busy_frac": busy})
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    got = e2e.steady(metrics, warmup_steps=20, log_every=10, batch=8)
+    secs = [80 / 400, 80 / 800]
+    assert got["timed_steps"] == 20
+    assert got["img_per_s"] == pytest.approx(160 / sum(secs))
+    assert got["data_wait_frac"] == pytest.approx(0.1 * secs[0] / sum(secs))
+    assert got["gpu_busy_frac"] == pytest.approx((0.9 * secs[0] + 1.0 * secs[1]) / sum(secs))
+    assert e2e.config_of(recs[0], ["model.compile=true"]) == "bf16+cl+compile"
+    assert e2e.config_of({"amp": "None", "channels_last": False}, []) == "fp32"

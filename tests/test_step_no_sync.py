@@ -25,6 +25,12 @@ def _net() -> nn.Module:
     return nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(64, 3))
 
 
+@pytest.fixture
+def device_verdict(monkeypatch):
+    """The CUDA path's device-side verdict, taken on the CPU (the WSLD_TEST_DEVICE_VERDICT hook)."""
+    monkeypatch.setenv("WSLD_TEST_DEVICE_VERDICT", "1")
+
+
 def _ctx(model: nn.Module, check: bool = True, clip: float = 0.0) -> StepContext:
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
     return StepContext(student=model, teacher=None, loss_fn=DistillLoss("ce"), optimizer=opt, check_finite=check, grad_clip=clip)
@@ -47,7 +53,10 @@ def _batch(seed: int, bad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @pytest.mark.parametrize("clip", [0.0, 1.0])
-def test_a_finite_step_is_the_plain_step_bit_for_bit(clip):
+@pytest.mark.parametrize("on_device", [False, True])
+def test_a_finite_step_is_the_plain_step_bit_for_bit(clip, on_device, monkeypatch):
+    if on_device:
+        monkeypatch.setenv("WSLD_TEST_DEVICE_VERDICT", "1")
     checked, plain = _ctx(_net(), clip=clip), _ctx(_net(), check=False, clip=clip)
     for k in range(4):  # the first decided on the host, the others on the device
         res = train_step(checked, *_batch(k))
@@ -57,7 +66,7 @@ def test_a_finite_step_is_the_plain_step_bit_for_bit(clip):
 
 
 @pytest.mark.parametrize("clip", [0.0, 1.0])
-def test_a_non_finite_step_changes_nothing_and_says_why(clip):
+def test_a_non_finite_step_changes_nothing_and_says_why(clip, device_verdict):
     ctx = _ctx(_net(), clip=clip)
     train_step(ctx, *_batch(0))  # the optimiser's state exists from here: device decisions
     assert ctx.guard.on_device(torch.device("cpu"))
@@ -78,7 +87,7 @@ def test_the_first_step_non_finite_is_decided_on_the_host_and_not_applied():
     assert all(torch.equal(a, b) for a, b in zip(before, _state(ctx)))
 
 
-def test_a_stand_in_step_is_discarded():
+def test_a_stand_in_step_is_discarded(device_verdict):
     ctx = _ctx(_net())
     train_step(ctx, *_batch(0))
     before = _state(ctx)
@@ -86,7 +95,7 @@ def test_a_stand_in_step_is_discarded():
     assert int(res.status) == STAND_IN and all(torch.equal(a, b) for a, b in zip(before, _state(ctx)))
 
 
-def test_update_ema_is_torchs_ema_and_skips_what_was_not_applied():
+def test_update_ema_is_torchs_ema_and_skips_what_was_not_applied(device_verdict):
     model = _net()
     ctx = _ctx(model)
     ours = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.9), use_buffers=True)
@@ -134,9 +143,10 @@ def _count_host_reads(monkeypatch) -> tuple[list[int], dict]:
 
 
 @pytest.mark.parametrize("log_every", [7, 21])
-def test_the_loop_reads_the_device_once_per_log_window(tmp_path, monkeypatch, log_every):
+def test_the_loop_reads_the_device_once_per_log_window(tmp_path, monkeypatch, log_every, device_verdict):
     # digits: 1,347 train images / 64 = 21 steps; reads while steps run (not at the epoch's end,
     # where eval and the checkpoint read): the first step's host decision, then one per window
+    # (on a CPU the step reads its verdict at once, which costs nothing there: the hook takes CUDA's path)
     reads, seen = _count_host_reads(monkeypatch)
     rc, _, err = run_cli(["train", *CE_TINY, f"train.log_every={log_every}", "--out", str(tmp_path / "run")])
     assert rc == 0, err

@@ -28,6 +28,15 @@ class Batch:
     def __len__(self) -> int:
         return int(self.targets.shape[0])
 
+    def pin_memory(self) -> "Batch":
+        """The DataLoader's pin-memory thread calls this (CUDA runs): page-locked images, targets and
+        records copy to the device asynchronously (a dataclass is otherwise passed through unpinned)."""
+        def pin(t: Optional[Tensor]) -> Optional[Tensor]:
+            return t.pin_memory() if isinstance(t, Tensor) else t
+
+        records = {k: pin(v) for k, v in self.teacher_records.items()} if self.teacher_records is not None else None
+        return Batch(pin(self.images), pin(self.targets), self.corrupt, records, self.encoded)  # type: ignore[arg-type]
+
 
 def collate_batch(samples: list) -> Batch:
     """Default train collate: the good samples stacked, corrupt markers set aside."""

@@ -391,11 +391,13 @@ class Trainer:
                 if len(batch) or rt.distributed:  # an empty batch (all corrupt) is skipped; under DDP a stand-in is run and discarded
                     self.loss.set_epoch(epoch + step / self.steps_per_epoch)  # for losses that follow training progress (DKD's warm-up)
                     x, y = (batch.images, batch.targets.to(rt.device, non_blocking=True)) if len(batch) else stand_in_inputs(self.info, rt.device, self.channels_last)
+                    stats.step_started()  # CUDA: events that time the device's busy share (metrics gpu_busy_frac)
                     res = train_step(self.ctx, x, y, batch, stand_in=not len(batch))
                     stats.add(res.loss, res.parts, y, res.status == APPLIED)
                     if self.ema is not None:
                         update_ema(self.ema, self.student, cfg.train.ema_decay, res)
                     health.record(res.status, epoch, step, global_step)
+                    stats.step_ended()
                 step += 1
                 global_step += 1
                 steps_here += 1
@@ -531,6 +533,9 @@ class Trainer:
             "kind": "train", "epoch": epoch + 1, "step": step, "global_step": global_step, **stats.means(self.rt),
             "lr": stats.lr, "img_per_s": stats.imgs / dt, "data_wait_frac": min(1.0, stats.wait / dt),
         }  # fmt: skip
+        busy = stats.gpu_busy()
+        if busy is not None:
+            rec["gpu_busy_frac"] = busy
         self.metrics.write(rec, step=global_step)
         stats.reset_window()
         return rec

@@ -35,6 +35,30 @@ class EpochStats:
         self.imgs = 0
         self.wait = 0.0
         self.t0 = time.perf_counter()
+        self._events: list[list] = []  # CUDA: [start, end] events of each step of the window
+
+    def step_started(self) -> None:
+        """Marks a step's start on the device's timeline (CUDA only; no sync)."""
+        if self.device.type == "cuda":
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            self._events.append([e, None])
+
+    def step_ended(self) -> None:
+        if self.device.type == "cuda" and self._events:
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            self._events[-1][1] = e
+
+    def gpu_busy(self) -> Optional[float]:
+        """Share of the device's timeline, from the window's first step start to its last step end,
+        spent inside steps (CUDA events: what the device did, not when the host asked). None on a
+        CPU, or before the events have completed (the window's read has synced them)."""
+        pairs = [(s, e) for s, e in self._events if e is not None]
+        if len(pairs) < 2 or not pairs[-1][1].query():
+            return None
+        span = pairs[0][0].elapsed_time(pairs[-1][1])
+        return min(1.0, sum(s.elapsed_time(e) for s, e in pairs) / span) if span > 0 else None
 
     def add(self, loss: Tensor, parts: dict[str, Tensor], y: Tensor, applied: Optional[Tensor] = None) -> None:
         """Adds a step's values; ``applied`` (a 0-d bool on the device) masks out a step that was not

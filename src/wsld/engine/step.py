@@ -6,6 +6,7 @@ the device (``UpdateGuard``) and read by the loop once per log window (``engine.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, NamedTuple, Optional, Union
 
@@ -20,6 +21,8 @@ from wsld.teachers.live import LiveTeacher
 
 # a step's status (a 0-d int32 tensor on the device): why it was not applied, or APPLIED
 APPLIED, LOSS_NOT_FINITE, GRADS_NOT_FINITE, STAND_IN = 0, 1, 2, 3
+# test hook (docs/engine.md): WSLD_TEST_DEVICE_VERDICT=1 takes the CUDA path's device-side verdict on a CPU
+DEVICE_VERDICT_ENV = "WSLD_TEST_DEVICE_VERDICT"
 
 
 class BatchNormalizer:
@@ -51,15 +54,19 @@ class UpdateGuard:
     back with ``torch.where(skip, copy, new)`` after it, so the host never waits for the verdict.
 
     Exact: a kept step is the plain step bit for bit, a skipped one leaves every tensor as it was.
-    Until the optimiser's state exists (its first step in this process, before a resume's state
-    is loaded) the state it creates could not be undone, so that step is decided on the host
-    (one read). The same holds where some state lives on another device than the parameters.
+    Used on CUDA. Until the optimiser's state exists (its first step in this process, before a
+    resume's state is loaded) the state it creates could not be undone, so that step is decided on
+    the host (one read); so is every step where some state lives on another device than the
+    parameters, and every step on a CPU, where reading a value costs no sync and copying the
+    weights would cost time (the CPU path only copies the buffers, to undo BatchNorm's update).
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, model: nn.Module):
         self.optimizer = optimizer
         self.model = model
         self.warm = len(optimizer.state) > 0  # a loaded (resumed) state: device decisions from the start
+        self.on_cpu_too = os.environ.get(DEVICE_VERDICT_ENV) == "1"  # test hook: the CUDA path on a CPU
+        self._saved: list[Tensor] = []
         self._copies: list[Tensor] = []
 
     def tensors(self) -> list[Tensor]:
@@ -73,21 +80,26 @@ class UpdateGuard:
                 seen.add(id(p))
                 out.append(p.data)
                 out.extend(v for v in self.optimizer.state.get(p, {}).values() if isinstance(v, Tensor))
-        out.extend(b for b in self.model.buffers() if id(b) not in seen)
+        out.extend(self.model.buffers())
         return out
 
     def on_device(self, device: torch.device) -> bool:
-        """Whether the verdict can stay on ``device``: the state exists and lives there."""
-        return self.warm and all(t.device == device for t in self.tensors())
+        """Whether this step's verdict stays on ``device``: CUDA, the state exists and lives there."""
+        if not self.warm or (device.type != "cuda" and not self.on_cpu_too):
+            return False
+        return all(t.device == device for t in self.tensors())
 
-    def save(self) -> None:
-        ts = self.tensors()
+    def save(self, everything: bool) -> None:
+        """Copies what a step may change (``everything``), or only the buffers."""
+        ts = self.tensors() if everything else list(self.model.buffers())
         if len(self._copies) != len(ts) or any(c.shape != t.shape or c.dtype != t.dtype for c, t in zip(self._copies, ts)):
             self._copies = [torch.empty_like(t) for t in ts]
-        torch._foreach_copy_(self._copies, ts)
+        if ts:
+            torch._foreach_copy_(self._copies, ts)
+        self._saved = ts
 
     def undo_where(self, skip: Tensor) -> None:
-        for t, c in zip(self.tensors(), self._copies):
+        for t, c in zip(self._saved, self._copies):
             torch.where(skip, c, t, out=t)
 
 
@@ -159,11 +171,14 @@ def train_step(ctx: StepContext, images: Tensor, targets: Tensor, batch: Optiona
     not wait for a verdict: its gradients are poisoned with NaN, DDP's all-reduce spreads them,
     and every rank skips the step. Non-finite losses are spread the same way (loss x NaN), so all
     ranks take the same decision with no collective of their own."""
-    if ctx.check_finite and ctx.scaler is None:
-        ctx.guard.save()  # before the forward: it moves BatchNorm's running statistics
+    guard = ctx.guard
+    dev = images.device
+    on_device = ctx.check_finite and ctx.scaler is None and guard is not None and guard.on_device(dev)
+    if ctx.check_finite and ctx.scaler is None and guard is not None:
+        guard.save(everything=on_device)  # before the forward: it moves BatchNorm's running statistics
     run_teacher = ctx.teacher is not None and not stand_in  # a stand-in has no teacher records: its step is discarded anyway
     teacher_logits = ctx.teacher.logits(images, batch) if run_teacher else None
-    with autocast(images.device, ctx.amp_dtype):
+    with autocast(dev, ctx.amp_dtype):
         student_logits = ctx.student(images)
     if stand_in and ctx.teacher is not None:
         teacher_logits = torch.zeros_like(student_logits)
@@ -172,9 +187,7 @@ def train_step(ctx: StepContext, images: Tensor, targets: Tensor, batch: Optiona
     if not ctx.check_finite:
         _backward_and_step(ctx, loss)
         return StepResult(loss.detach(), parts, None, None)
-    guard = ctx.guard
     assert guard is not None
-    dev = loss.device
     loss_bad = ~torch.isfinite(loss.detach())
     if stand_in:
         loss_bad = torch.ones_like(loss_bad)
@@ -197,19 +210,21 @@ def train_step(ctx: StepContext, images: Tensor, targets: Tensor, batch: Optiona
         status = torch.where(bad > 0, LOSS_NOT_FINITE, APPLIED).to(torch.int32)
         return StepResult(loss.detach(), parts, _stand_in(status, stand_in), None)
     poisoned.backward()
-    if ctx.grad_clip > 0:
-        grads_bad = ~torch.isfinite(nn.utils.clip_grad_norm_(params, ctx.grad_clip))
-    else:
-        grads_bad = _grads_not_finite(params, dev)
-    status = torch.where(grads_bad, torch.where(loss_bad, LOSS_NOT_FINITE, GRADS_NOT_FINITE), APPLIED).to(torch.int32)
+    norm = nn.utils.clip_grad_norm_(params, ctx.grad_clip) if ctx.grad_clip > 0 else None
+    if dev.type == "cuda" or on_device or _distributed():
+        # the gradients' verdict: the same on every rank once DDP has averaged the (poisoned) gradients
+        bad = ~torch.isfinite(norm) if norm is not None else _grads_not_finite(params, dev)
+    else:  # one CPU process: the loss's, as it always was (no pass over the gradients)
+        bad = loss_bad
+    status = torch.where(bad, torch.where(loss_bad, LOSS_NOT_FINITE, GRADS_NOT_FINITE), APPLIED).to(torch.int32)
     status = _stand_in(status, stand_in)
-    if guard.on_device(dev):
+    if on_device:
         ctx.optimizer.step()
-        guard.undo_where(grads_bad)
+        guard.undo_where(bad)
         return StepResult(loss.detach(), parts, status, None)
-    skipped = bool(grads_bad)  # the one host decision: the optimiser's state does not exist yet
+    skipped = bool(bad)  # decided on the host: a CPU, or the optimiser's state does not exist yet
     if skipped:
-        guard.undo_where(grads_bad)  # the forward's BatchNorm statistics
+        guard.undo_where(bad)  # the forward's BatchNorm statistics
     else:
         ctx.optimizer.step()
         guard.warm = True
@@ -254,7 +269,8 @@ def update_ema(ema: nn.Module, model: nn.Module, decay: float, result: StepResul
         return
     ema_t = [*ema.module.parameters(), *ema.module.buffers()]
     cur_t = [t.detach() for t in (*model.parameters(), *model.buffers())]
-    skip = result.status != APPLIED if result.status is not None else None
+    known = result.status is None or result.skipped_on_host is False  # applied, as the host knows
+    skip = None if known else result.status != APPLIED
     if int(ema.n_averaged) == 0:  # the first update copies (a CPU tensor: no device sync)
         for e, c in zip(ema_t, cur_t):
             e.detach().copy_(c if skip is None else torch.where(skip, e, c))
