@@ -393,11 +393,10 @@ class Trainer:
                     x, y = (batch.images, batch.targets.to(rt.device, non_blocking=True)) if len(batch) else stand_in_inputs(self.info, rt.device, self.channels_last)
                     stats.step_started()  # CUDA: events that time the device's busy share (metrics gpu_busy_frac)
                     res = train_step(self.ctx, x, y, batch, stand_in=not len(batch))
-                    stats.add(res.loss, res.parts, y, res.status == APPLIED)
                     if self.ema is not None:
                         update_ema(self.ema, self.student, cfg.train.ema_decay, res)
+                    stats.add(res.loss, res.parts, y, res.status == APPLIED)  # (and marks the step's end)
                     health.record(res.status, epoch, step, global_step)
-                    stats.step_ended()
                 step += 1
                 global_step += 1
                 steps_here += 1
@@ -531,11 +530,8 @@ class Trainer:
         dt = max(1e-9, time.perf_counter() - stats.t0)
         rec = {
             "kind": "train", "epoch": epoch + 1, "step": step, "global_step": global_step, **stats.means(self.rt),
-            "lr": stats.lr, "img_per_s": stats.imgs / dt, "data_wait_frac": min(1.0, stats.wait / dt),
+            "lr": stats.lr, "img_per_s": stats.imgs / dt, "data_wait_frac": min(1.0, stats.wait / dt), **stats.device_fields(),
         }  # fmt: skip
-        busy = stats.gpu_busy()
-        if busy is not None:
-            rec["gpu_busy_frac"] = busy
         self.metrics.write(rec, step=global_step)
         stats.reset_window()
         return rec

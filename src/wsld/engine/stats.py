@@ -50,6 +50,11 @@ class EpochStats:
             e.record()
             self._events[-1][1] = e
 
+    def device_fields(self) -> dict[str, float]:
+        """``gpu_busy_frac`` for the window's metrics line, where it is known (CUDA)."""
+        busy = self.gpu_busy()
+        return {"gpu_busy_frac": busy} if busy is not None else {}
+
     def gpu_busy(self) -> Optional[float]:
         """Share of the device's timeline, from the window's first step start to its last step end,
         spent inside steps (CUDA events: what the device did, not when the host asked). None on a
@@ -77,6 +82,7 @@ class EpochStats:
                 w, ones = torch.where(applied, w, 0.0), ones * applied
             self.class_w_sum.index_add_(0, y, w)
             self.class_n.index_add_(0, y, ones)
+        self.step_ended()
 
     def drop(self, steps: int) -> None:
         """Take back ``steps`` steps that ``add`` counted but were not applied (known once read)."""
