@@ -11,6 +11,7 @@ import shutil
 import struct
 import subprocess
 import threading
+import time
 from pathlib import Path
 
 import lmdb
@@ -264,13 +265,22 @@ def test_second_pack_into_the_same_folder_is_refused_at_once(tmp_path, capsys):
 
 
 def test_second_soft_labels_into_the_same_folder_is_refused_at_once(digits_run, tmp_path, capsys):
-    _, cache = digits_run
+    """The first process takes the folder, then waits for its teacher (a cache entry this test holds
+    locked): the second, started meanwhile, is refused at once with the first one's pid."""
+    from wsld.config import load_config
+    from wsld.locks import DirLock
+    from wsld.teachers.training import teacher_cache_dir
+
+    _, trained = digits_run
+    cache = tmp_path / "cache"
     out = tmp_path / "store"
     args = ["soft-labels", *DIGITS, f"model.teacher_cache={cache}", "--crops", "2", "--out", str(out)]
+    entry = teacher_cache_dir(load_config(None, [a for a in args if "=" in a]))
+    entry.mkdir(parents=True)
+    teacher_lock = DirLock(entry)
+    assert teacher_lock.try_acquire()
     first = subprocess.Popen([*WSLD, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=sub_env())
     try:
-        import time
-
         deadline = time.monotonic() + 60
         while not (out / LOCK_NAME).is_file() or not (out / LOCK_NAME).read_text().strip():
             assert first.poll() is None, first.communicate()
@@ -279,7 +289,9 @@ def test_second_soft_labels_into_the_same_folder_is_refused_at_once(digits_run, 
         rc, _, err = wsld(capsys, *args)
         assert rc == 2
         assert f"in use by another wsld process (pid {first.pid})" in error_line(err)
+        shutil.copy(next(trained.glob("*/teacher.safetensors")), entry / "teacher.safetensors")  # "trained" meanwhile
     finally:
+        teacher_lock.release()
         _, first_err = first.communicate(timeout=120)
     assert first.returncode == 0, first_err[-2000:]
     assert sorted(os.listdir(out)) == ["data.mdb", "lock.mdb"]
