@@ -113,7 +113,7 @@ def test_truncated_lmdb_is_one_line_for_verify_and_train(packed, tmp_path):
     p = run("data", "verify", data / "train", "--no-progress")
     assert p.returncode == 2, (p.returncode, p.stderr[-2000:])  # not -7 (SIGBUS)
     line = error_line(p.stderr)
-    assert "truncated" in line and str(mdb) in line and "wsld data pack --overwrite" in line
+    assert "truncated" in line and str(mdb) in line and "wsld data pack" in line and "--overwrite" in line
     # a folder of LMDBs: the damaged one is reported, the other split still checked
     p = run("data", "verify", data, "--no-progress")
     assert p.returncode == 1, p.stderr[-2000:]

@@ -44,7 +44,7 @@ COMPLETE_KEY = b"__wsld_complete__"
 DATALIST_SUFFIX = "_datalist"
 REPACK_HINT = "re-run 'wsld data pack' with the same arguments to finish it"
 # what to do about a damaged data LMDB
-DAMAGED_HINT = "see what is still readable with 'wsld data verify', then copy it again or re-pack it ('wsld data pack --overwrite')"
+DAMAGED_HINT = "copy it again, or re-pack it with 'wsld data pack ROOT --split SPLIT --out PATH --overwrite'"
 
 
 def record_key(i: int) -> bytes:
