@@ -73,7 +73,7 @@ def test_describe_file_reads_only_the_first_bytes(tmp_path):
 def test_ctrl_c_outside_the_loop_says_how_to_continue(tmp_path, monkeypatch):
     import wsld.run
 
-    def interrupted(cfg, run_dir, resume=False):
+    def interrupted(cfg, run_dir, resume=False, **_):
         if marker.exists():
             (Path(run_dir) / "config.yaml").parent.mkdir(parents=True, exist_ok=True)
             (Path(run_dir) / "config.yaml").write_text("{}\n")

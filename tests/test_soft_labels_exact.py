@@ -144,7 +144,7 @@ def test_a_version_one_store_still_trains(tmp_path):
     crops = 2
     z = torch.randn(len(train) * crops, 10, generator=torch.Generator().manual_seed(4)) * 3
     write_version_one_store(tmp_path / "v1", cfg, train, z, crops)
-    teacher = StoredTeacher(tmp_path / "v1", info.classes, info.num_classes, cfg.data)
+    teacher = StoredTeacher(tmp_path / "v1", info, cfg.data, print)
     assert teacher.store.version == 1 and "others_lse" not in teacher.store.dtype.names
     sampler = ResumableSampler(len(train), batch_size=64, seed=3, shuffle=True)
     ds, smp, collate = teacher.prepare_train_data(train, sampler)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 from engine_helpers import TINY
 
@@ -36,8 +37,7 @@ def test_a_finished_baseline_is_reused_and_another_run_there_is_refused(tmp_path
     ce = tmp_path / "run-ce" / "summary.json"
     before = ce.read_text()
     # a second distilled run whose RUN_DIR-ce is this finished baseline: reused as it is
-    (tmp_path / "run2-ce").mkdir()
-    (tmp_path / "run2-ce" / "summary.json").write_text(before)
+    shutil.copytree(tmp_path / "run-ce", tmp_path / "run2-ce")
     capsys.readouterr()
     assert main(["train", *args, "--out", str(tmp_path / "run2")]) == 0
     assert "student alone (CE)" in capsys.readouterr().out and ce.read_text() == before

@@ -42,6 +42,7 @@ FORMAT = f"{FORMAT_NAME}-{FORMAT_VERSION}"
 #   best_top1, best_epoch, teacher_eval, skipped_steps, corrupt_count, metrics_lines, world_size
 #   rng                    per-rank RNG states (rng_state())
 #   config                 the run's resolved config as a dict
+#   data_identity          the identity of the data it was trained on (wsld.data.identity; None before it existed)
 
 # test hook: WSLD_TEST_SLOW_SAVE=<seconds> pauses every checkpoint write half-way (tests/test_reliability_*)
 SLOW_SAVE_ENV = "WSLD_TEST_SLOW_SAVE"

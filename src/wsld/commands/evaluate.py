@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
 
@@ -23,6 +24,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="import the module that the checkpoint (or its config) names for its student "
                    "(package.module:callable), running its code; without it such a name is refused unless given as "
                    "model.student=... on this command line")
+    p.add_argument("--allow-data-change", action="store_true",
+                   help="evaluate even when the data differs from the data the checkpoint was trained on (another class "
+                   "list, or val images added, removed or changed); without it such data is refused with one line saying "
+                   "what differs")
     p.set_defaults(func=run, extra_args_dest="overrides")
 
 
@@ -32,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
     from wsld.data.build import build_datasets
     from wsld.data.sampling import ResumableSampler
     from wsld.engine.evaluate import evaluate
-    from wsld.engine.loop import make_loader
+    from wsld.engine.loaders import make_loader
     from wsld.engine.step import BatchNormalizer
     from wsld.errors import UserError
     from wsld.models import build_model, check_model_name, load_weights
@@ -50,6 +55,7 @@ def run(args: argparse.Namespace) -> int:
         if not cfg_path.is_file():
             raise UserError(f"{path} holds weights only: give --config CONFIG (the run's config.yaml)")
         cfg = load_config(cfg_path, args.overrides)
+        recorded = _run_record_beside(path)
     else:
         ck = load_checkpoint(path)
         state = student_state(ck, path, ema=args.ema)
@@ -58,12 +64,14 @@ def run(args: argparse.Namespace) -> int:
         else:
             cfg = load_config(None, args.overrides, base=ck.get("config"))
         where = f", epoch {ck.get('epoch')}" + (f" step {ck['step_in_epoch']}" if ck.get("step_in_epoch") else "")
+        recorded = {"classes": ck.get("classes"), "data": ck.get("data_identity"), "config": ck.get("config")}
     named = any(o.partition("=")[0].strip() == "model.student" for o in args.overrides)
     source = args.config or (cfg_path if path.suffix == ".safetensors" else path)
     refuse_unnamed_import(cfg.model.student, source, named, args.allow_import)
     check_model_name(cfg.model.student, "model.student")
     rt = setup_runtime()
     _, val, info = build_datasets(cfg.data, seed=cfg.train.seed)
+    check_eval_data(recorded, cfg, val, path, args.allow_data_change)
     model = build_model(
         cfg.model.student, info.num_classes, in_channels=info.in_channels, replace_head_if_needed=cfg.model.replace_head, role="student"
     )
@@ -85,3 +93,43 @@ def run(args: argparse.Namespace) -> int:
             f"({res['count']} images): top-1 {res['top1']:.2f}  top-5 {res['top5']:.2f}"
         )
     return 0
+
+
+def _run_record_beside(weights: Path) -> dict:
+    """What the run folder of a ``.safetensors`` file records of its data (nothing outside one)."""
+    import yaml
+
+    from wsld.engine.resume import read_run_record
+
+    rec = read_run_record(weights.parent) or {}
+    try:
+        config = yaml.safe_load((weights.parent / "config.yaml").read_text(encoding="utf-8"))
+    except (OSError, ValueError, yaml.YAMLError):
+        config = None
+    return {"data": rec.get("data"), "config": config if isinstance(config, dict) else None}
+
+
+# data keys that only say where the files are or how fast they are read: the val split stays the run's
+_LOCATION_KEYS = {"data_path", "workers", "val_batch_size", "fast_decode", "decode"}
+
+
+def check_eval_data(recorded: dict, cfg, val, path: Path, allow: bool) -> None:
+    """The model's class list must be the data's (a renamed or reordered class shifts every label), and
+    when the data keys name the run's own val split, its images must be the run's: refused with one line
+    saying what differs (F4), unless --allow-data-change."""
+    from wsld.config import to_dict
+    from wsld.data.identity import FORMAT, check_identity, split_identity
+
+    was = dict(recorded.get("data") or {"format": FORMAT, "classes": recorded.get("classes")})
+    if not was.get("classes"):
+        return  # nothing recorded (a bare weights file)
+    run_data = (recorded.get("config") or {}).get("data") or {}
+    now_data = to_dict(cfg)["data"]
+    same_split = bool(run_data) and all(run_data[k] == v for k, v in now_data.items() if k not in _LOCATION_KEYS and k in run_data)
+    now = {"format": FORMAT, "classes": list(val.classes)}
+    if same_split and "val" in was:
+        now["val"] = split_identity(val)
+    say = lambda msg: print(f"[wsld] note: {msg}", file=sys.stderr)  # noqa: E731
+    check_identity(was, now, splits=("val",) if "val" in now else (), allow=allow, say=say, subject=f"evaluating {path}",
+                   refusal=f"{path} was trained and evaluated on other data: {{diff}}; give data.data_path= its data")  # fmt: skip
+

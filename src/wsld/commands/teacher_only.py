@@ -57,7 +57,7 @@ def run_teacher_only(args: argparse.Namespace, config_path: Optional[str], overr
     rt = setup_runtime()
     try:
         run_dir = Path(broadcast_object(rt, str(run_dir)))
-        summary = train_teacher_run(tcfg, run_dir, rt, resume=resume)
+        summary = train_teacher_run(tcfg, run_dir, rt, resume=resume, allow_data_change=args.allow_data_change)
     finally:
         teardown_runtime(rt)
     if int(os.environ.get("RANK", "0")) == 0:

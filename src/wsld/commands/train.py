@@ -119,6 +119,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "RUN_DIR, labelled a teacher, from scratch or fine-tuned from model.teacher_weights (e.g. IMAGENET1K_V1: a new "
         "head for the data's classes); its weights go to RUN_DIR/teacher.safetensors for model.teacher_weights",
     )  # fmt: skip
+    p.add_argument(
+        "--allow-data-change", action="store_true",
+        help="accept data other than what the run recorded (a resume, an earlier RUN_DIR-ce reused by --baseline, a "
+        "soft-label store made from other images): classes renamed or reordered, images added, removed or changed; "
+        "without it such data is refused with one line saying what differs",
+    )  # fmt: skip
     p.set_defaults(func=run, extra_args_dest="args", unknown_option_hint=timm_flag_hint, keeps_console_log=True)
 
 
@@ -170,7 +176,7 @@ def _run(args: argparse.Namespace) -> int:
                 raise UserError(f"cannot resume {run_dir} with {config_path}: it differs in {', '.join(diff)}")
         check_baseline_dir(args, cfg, run_dir, config_path, overrides)
         args.run_dir_in_use = run_dir  # for the Ctrl-C line (wsld.cli)
-        summary = run_training(cfg, run_dir, resume=True)
+        summary = run_training(cfg, run_dir, resume=True, allow_data_change=args.allow_data_change)
     else:
         cfg = load_config(config_path, overrides)
         absolute_paths(cfg, os.getcwd())  # stored absolute: the run resumes from any directory
@@ -182,12 +188,12 @@ def _run(args: argparse.Namespace) -> int:
         check_baseline_dir(args, cfg, run_dir, config_path, overrides)
         args.run_dir_in_use = run_dir  # for the Ctrl-C line (wsld.cli)
         try:
-            summary = run_training(cfg, run_dir)
+            summary = run_training(cfg, run_dir, allow_data_change=args.allow_data_change)
         except TeacherNeedsTraining as e:  # an ImageNet teacher on other classes: the two commands that work
             raise UserError(f"{e}: {fine_tune_first(args, config_path, overrides, cfg, e.weights)}") from None
     baseline = None
     if wants_baseline(args, cfg, config_path, overrides):
-        baseline = train_baseline(cfg, Path(summary["run_dir"]))
+        baseline = train_baseline(cfg, Path(summary["run_dir"]), args.allow_data_change)
     if int(os.environ.get("RANK", "0")) == 0:
         print_report(summary, baseline, cfg.train.lr)
     return 0
@@ -257,36 +263,46 @@ def baseline_dir(run_dir: Path) -> Path:
 
 def check_baseline_dir(args: argparse.Namespace, cfg, run_dir: Path, config_path: Optional[str], overrides: list[str]) -> None:
     """Before any training: RUN_DIR-ce, when it holds a finished run, must be this baseline (it is
-    reused, never replaced)."""
-    import json
-
+    reused, never replaced): same student, seed and recipe (and data, once RUN_DIR records it)."""
     summary = baseline_dir(run_dir) / "summary.json"
     if not wants_baseline(args, cfg, config_path, overrides) or not summary.is_file():
         return
-    done = json.loads(summary.read_text())
-    if done.get("loss") != "ce" or done.get("student") != cfg.model.student or done.get("epochs") != cfg.train.epochs:
-        raise UserError(f"--baseline: {summary.parent} holds another finished run; move it, or give --out another name")
+    _refuse_other_baseline(summary.parent, cfg, run_dir, args.allow_data_change)
 
 
-def train_baseline(cfg, run_dir: Path) -> Optional[dict]:
+def _ce_config(cfg):
+    from wsld.config import config_from_dict, to_dict
+
+    d = to_dict(cfg)
+    d["distill"].update(loss="ce", params={})
+    return config_from_dict(d)
+
+
+def _refuse_other_baseline(done: Path, cfg, run_dir: Path, allow_data_change: bool) -> None:
+    from wsld.engine.previous_runs import baseline_refusal
+
+    why = baseline_refusal(done, _ce_config(cfg), run_dir)
+    if why and not (allow_data_change and "other data" in why):
+        raise UserError(why)
+
+
+def train_baseline(cfg, run_dir: Path, allow_data_change: bool = False) -> Optional[dict]:
     """The student alone with CE, same seed and recipe, in ``RUN_DIR-ce`` (reused when finished,
     resumed when not): the first run answers "what did distillation add?"."""
     import json
 
-    from wsld.config import config_from_dict, to_dict
     from wsld.run import run_training
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         print("[wsld] --baseline: skipped under torchrun (train it as its own run: distill.loss=ce)", file=sys.stderr)
         return None
-    d = to_dict(cfg)
-    d["distill"].update(loss="ce", params={})
-    ce_cfg = config_from_dict(d)
+    ce_cfg = _ce_config(cfg)
     ce_dir = baseline_dir(run_dir)
-    if (ce_dir / "summary.json").is_file():  # checked by check_baseline_dir before the run
+    if (ce_dir / "summary.json").is_file():  # its recipe was checked before the run; its data can be now
+        _refuse_other_baseline(ce_dir, cfg, run_dir, allow_data_change)
         return json.loads((ce_dir / "summary.json").read_text())
     print(f"[wsld] baseline: the same student, seed and recipe with CE alone, in {ce_dir}", file=sys.stderr)
-    return run_training(ce_cfg, ce_dir, resume=(ce_dir / "last.pt").is_file())
+    return run_training(ce_cfg, ce_dir, resume=(ce_dir / "last.pt").is_file(), allow_data_change=allow_data_change)
 
 
 def print_report(s: dict, baseline: Optional[dict] = None, train_lr: Optional[float] = None) -> None:

@@ -12,6 +12,7 @@ This package's ``__init__`` holds only what needs no torch (the ImageNet statist
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
@@ -25,3 +26,7 @@ class DataInfo:
     mean: list[float]
     std: list[float]
     image_size: int
+    # set by the trainer: the data's identity (wsld.data.identity), and whether what was made from
+    # other data (a resumed checkpoint, a soft-label store) is accepted (--allow-data-change)
+    identity: Optional[dict] = None
+    allow_data_change: bool = False

@@ -29,26 +29,29 @@ from wsld.config import Config, load_config, to_dict, to_yaml
 from wsld.data import DataInfo
 from wsld.data.build import build_datasets
 from wsld.data.batch import Batch, collate_batch
-from wsld.data.datasets import collate_skip_corrupt
 from wsld.data.gpu_decode import GpuDecoder, collate_encoded, encoded_view, resolve_decode
+from wsld.data.identity import data_identity
 from wsld.data.prefetch import prefetch
 from wsld.data.sampling import ResumableSampler
 from wsld.engine.evaluate import evaluate
 from wsld.engine.guards import TrainingDiverged, check_teacher_strength, weights_finite
 from wsld.engine.health import StepHealth, Verdict
 from wsld.engine.hooks import SLOW_STEP_ENV, maybe_kill9, simulated_crash, stop_after_steps
+from wsld.engine.loaders import make_loader
 from wsld.engine.optim import build_optimizer, effective_lr, lr_factor
-from wsld.engine.resume import NOT_COMPARED_ON_RESUME, check_run_files, epochs_refusal, set_aside_summary, write_run_record
+from wsld.engine.resume import (
+    NOT_COMPARED_ON_RESUME, check_data, check_run_files, epochs_refusal, read_run_record, set_aside_summary, write_run_record,
+)  # fmt: skip
 from wsld.engine.rundir import MetricsLog, RunDirClaim, config_diff, write_probe
 from wsld.engine.stats import EpochStats
 from wsld.engine.step import APPLIED, BatchNormalizer, StepContext, stand_in_inputs, train_step, update_ema
-from wsld.engine.stopping import StopRequest, TrainingStopped, ignore_stop_signals_in_worker, signal_name
+from wsld.engine.stopping import StopRequest, TrainingStopped, signal_name
 from wsld.errors import CheckpointError, UserError
 from wsld.files import atomic_write_text
 from wsld.losses.registry import build_loss
 from wsld.model_input import check_takes_images
 from wsld.models import build_model, check_model_name, load_weights
-from wsld.runtime import Runtime, amp_dtype_for, barrier, compile_module, loader_workers, seed_everything, set_cpu_threads, use_channels_last
+from wsld.runtime import Runtime, amp_dtype_for, barrier, broadcast_object, compile_module, seed_everything, set_cpu_threads, use_channels_last
 from wsld.teachers.base import TeacherSource
 from wsld.teachers.live import set_teacher_bn_mode
 
@@ -56,35 +59,16 @@ from wsld.teachers.live import set_teacher_bn_mode
 TeacherFactory = Callable[[DataInfo, Callable[[str], None]], Optional[TeacherSource]]
 
 
-def make_loader(
-    dataset, sampler, batch_size: int, *, workers: int, device: torch.device, drop_last: bool, seed: int = 0,
-    collate_fn: Optional[Callable] = None,
-) -> DataLoader:
-    """A DataLoader over ``sampler`` that moves uint8 batches.
-
-    It gets its own generator: creating an iterator then draws its worker base seed from that
-    generator instead of from torch's global RNG, so evaluation or a resume does not shift the
-    global random stream that dropout and friends use (exact resume needs that).
-    """
-    return DataLoader(
-        dataset, batch_size=batch_size, sampler=sampler, num_workers=(workers := loader_workers(workers)), collate_fn=collate_fn or collate_skip_corrupt,
-        pin_memory=device.type == "cuda", drop_last=drop_last, persistent_workers=False,
-        prefetch_factor=4 if workers > 0 else None, generator=torch.Generator().manual_seed(seed),
-        worker_init_fn=ignore_stop_signals_in_worker if workers > 0 else None,
-    )  # fmt: skip
-
-
 class Trainer:
     """Builds everything from a Config, then ``fit()`` trains and evaluates the student."""
 
     def __init__(self, cfg: Config, run_dir: Path | str, rt: Runtime, *, resume: bool = False, role: str = "student",
-                 teacher_factory: Optional[TeacherFactory] = None):  # fmt: skip
+                 teacher_factory: Optional[TeacherFactory] = None, allow_data_change: bool = False):  # fmt: skip
         # validated and resolved whoever built it (a programmatic config may hold older spellings, e.g. an
         # unfilled distill.params section), so config.yaml and a resume's comparison see one form
         self.cfg, self.rt, self.role = load_config(None, base=to_dict(cfg)), rt, role
         self.run_dir = Path(os.path.abspath(run_dir))  # summary.json and every message name it absolutely
-        self.resume = resume
-        self.teacher_factory = teacher_factory
+        self.resume, self.teacher_factory, self.allow_data_change = resume, teacher_factory, allow_data_change
 
     # -- helpers
     def say(self, msg: str) -> None:
@@ -119,7 +103,11 @@ class Trainer:
         set_cpu_threads(cfg, rt)
         seed_everything(cfg.train.seed, cfg.train.deterministic, rt.device)
         self.train_ds, self.val_ds, self.info = build_datasets(cfg.data, seed=cfg.train.seed)
-        info: DataInfo = self.info
+        info: DataInfo = self.info  # its identity (one stat pass, rank 0) is checked against the run's record before any teacher work
+        info.identity = broadcast_object(rt, data_identity(self.train_ds, self.val_ds) if rt.is_main else None)
+        info.allow_data_change = self.allow_data_change
+        if self.resume and (self.run_dir / "last.pt").is_file():
+            check_data(read_run_record(self.run_dir), info, self.run_dir, self.say)
         self.per_rank_batch = cfg.data.batch_size // rt.world_size
         if len(self.train_ds) < cfg.data.batch_size:
             raise UserError(
@@ -202,6 +190,7 @@ class Trainer:
             "student_arch": self.cfg.model.student,
             "num_classes": self.info.num_classes,
             "classes": list(self.info.classes),
+            "data_identity": self.info.identity,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.sched.state_dict() if self.sched is not None else None,
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
@@ -242,6 +231,7 @@ class Trainer:
         if why:
             raise UserError(why)
         self.saved_epochs = saved_cfg.train.epochs
+        check_data({"classes": ck.get("classes"), "data": ck.get("data_identity")}, self.info, self.run_dir, self.say)
         load_weights(self.student, ck["student"], str(path), self.cfg.model.student)
         try:
             self.optimizer.load_state_dict(ck["optimizer"])
@@ -318,7 +308,8 @@ class Trainer:
             atomic_write_text(self.run_dir / "config.yaml", to_yaml(cfg))
             if self.role == "student":  # where it started and what its files held (wsld.engine.resume)
                 # a fresh run starts a fresh record (an earlier start in this folder may have left one)
-                write_run_record(self.run_dir, cfg, self.teacher.describe() if self.teacher is not None else {}, replace=not self.resume)
+                write_run_record(self.run_dir, cfg, self.teacher.describe() if self.teacher is not None else {}, self.info.identity,
+                                 replace=not self.resume)  # fmt: skip
             if self.resume:
                 set_aside_summary(self.run_dir, self.saved_epochs, cfg.train.epochs, self.say)
         barrier(rt)

@@ -71,3 +71,42 @@ def previous_runs_note(cfg: Config, new_dir: Path) -> Optional[str]:
     more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
     how = "" if latest.state == "finished" else f"; to continue it instead: wsld train --resume {latest.path}"
     return f"the same config already ran in {latest.describe()}{more}; starting a new run in {new_dir}{how}"
+
+
+def _not_read_by_ce(key: str) -> bool:
+    """Config keys a CE student run does not read (the teacher's, its training's, the distillation
+    loss's) or that do not change its maths (``RESUME_SAFE_KEYS``)."""
+    return (key in RESUME_SAFE_KEYS or key.startswith(("model.teacher", "teacher_train."))
+            or (key.startswith("distill.") and not key.startswith(("distill.loss", "distill.params"))))  # fmt: skip
+
+
+def baseline_refusal(done: Path, ce_cfg: Config, run_dir: Path) -> Optional[str]:
+    """Why the finished run in ``done`` (``RUN_DIR-ce``) is not the CE baseline of ``ce_cfg`` that
+    ``--baseline`` would train, or None: same student, seed and recipe (every key a CE run reads),
+    and, once ``run_dir`` records its data, the same data."""
+    from wsld.data.identity import OVERRIDE, identity_difference
+    from wsld.engine.resume import read_run_record
+
+    move = "move it, or give --out another name"
+    try:
+        saved = load_config(done / "config.yaml")
+    except (UserError, OSError):
+        return f"--baseline: {done} holds another finished run (no readable config.yaml to compare with); {move}"
+    want = load_config(None, base=to_dict(ce_cfg))  # resolved as the trainer resolves it
+    diff = [k for k in config_diff(to_dict(saved), to_dict(want)) if not _not_read_by_ce(k)]
+    if diff:
+        shown = ", ".join(f"{k} ({_value(saved, k)} there, {_value(want, k)} here)" for k in diff[:3])
+        more = ", ..." if len(diff) > 3 else ""
+        return f"--baseline: {done} holds another finished run, made with other {shown}{more}: not this run's baseline; {move}"
+    ours, theirs = read_run_record(run_dir), read_run_record(done)
+    why = identity_difference((theirs or {}).get("data"), ((ours or {}).get("data")) or {}) if ours and ours.get("data") else None
+    if why:
+        return f"--baseline: {done} holds another finished run, trained on other data ({why}); {move} (or pass {OVERRIDE} to reuse it)"
+    return None
+
+
+def _value(cfg: Config, key: str) -> Any:
+    d: Any = to_dict(cfg)
+    for part in key.split("."):
+        d = d.get(part) if isinstance(d, dict) else None
+    return d

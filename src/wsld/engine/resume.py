@@ -1,11 +1,12 @@
 """What a resume may change: the run's absolute paths, its record of where it started (``run.json``:
-working directory and the digests of the files it read), which overrides a resume accepts, and the
+working directory, the digests of the files it read and the data's identity), which overrides a resume accepts, and the
 rule for a new ``train.epochs`` (docs/engine.md, "Resume").
 
 A run's config holds absolute paths (``absolute_paths``), so it resumes from any directory. What a
 file holds is pinned by content, not by name: ``run.json`` records a SHA-256 of the teacher's
 weights (given or cached), of ``model.student_weights`` and of the soft-label store's identity, and a
-resume whose files hold something else is refused (``check_run_files``).
+resume whose files hold something else is refused (``check_run_files``); it records the data's
+identity too (``wsld.data.identity``), and a resume on other data is refused (``check_data``).
 """
 
 from __future__ import annotations
@@ -114,13 +115,22 @@ def file_digests(cfg: Config, teacher: dict) -> dict[str, dict[str, str]]:
             for entry, key, path, digest in found if _is_file_value(key, path)}  # fmt: skip
 
 
-def write_run_record(run_dir: Path, cfg: Config, teacher: dict, *, replace: bool = False) -> None:
+def write_run_record(run_dir: Path, cfg: Config, teacher: dict, data: Optional[dict], *, replace: bool = False) -> None:
     """Write ``run.json`` once: at a fresh start (``replace``: a record left by an earlier start in
-    this folder goes), or at the first resume of a run made before wsld wrote one."""
+    this folder goes), or at the first resume of a run made before wsld wrote one. On a resume
+    (every check passed) only ``data`` is brought up to date: an older record gains the data's
+    identity, and a change accepted with --allow-data-change becomes what the next resume expects."""
     path = Path(run_dir) / RUN_RECORD
-    if path.exists() and not replace:
+    rec = read_run_record(run_dir) if path.exists() and not replace else None
+    if rec is not None:
+        if rec.get("data") == data:
+            return
+        rec["data"] = data
+    elif path.exists() and not replace:  # unreadable or of another format: left as it is
         return
-    rec = {"format": RECORD_FORMAT, "cwd": os.getcwd(), "run_dir": str(Path(run_dir).absolute()), "files": file_digests(cfg, teacher)}
+    else:
+        rec = {"format": RECORD_FORMAT, "cwd": os.getcwd(), "run_dir": str(Path(run_dir).absolute()),
+               "files": file_digests(cfg, teacher), "data": data}  # fmt: skip
     atomic_write_text(path, json.dumps(rec, indent=2) + "\n")
 
 
@@ -139,6 +149,20 @@ def check_run_files(run_dir: Path, cfg: Config, teacher: dict) -> None:
                 f"cannot resume {run_dir}: {cur['path']} ({key}) holds other contents than the file the run started with "
                 f"({was.get('path')}, sha256 {str(was.get('sha256'))[:12]}... in {RUN_RECORD}); give {key}= that file"
             )
+
+
+def check_data(recorded: Optional[dict], info, run_dir: Path, say: Callable[[str], None]) -> None:
+    """On resume: the data (``info.identity``) is the data the run was trained on, by the identity in
+    ``recorded`` (``run.json``, or a checkpoint's ``{"classes", "data"}``; a run made before wsld
+    recorded one is checked by its class list alone). Refused with one line saying what differs,
+    unless ``info.allow_data_change`` (--allow-data-change)."""
+    from wsld.data.identity import FORMAT, check_identity
+
+    if not recorded:
+        return
+    was = recorded.get("data") or ({"format": FORMAT, "classes": recorded["classes"]} if recorded.get("classes") else None)
+    check_identity(was, info.identity, refusal=f"cannot resume {run_dir}: its data changed since it started: {{diff}}; give "
+                   "data.data_path= the run's data", subject=f"resuming {run_dir}", allow=info.allow_data_change, say=say)  # fmt: skip
 
 
 def resume_refusal(run_dir: Path, run: Config, new: Config, record: Optional[dict]) -> Optional[str]:

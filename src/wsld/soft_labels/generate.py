@@ -127,6 +127,7 @@ def open_store(out: Path, meta: dict, est_bytes: int):
     against ``meta``, and the indices already stored."""
     import lmdb
 
+    from wsld.data.identity import identity_difference
     from wsld.data.lmdb_files import check_data_file, damaged
     from wsld.data.lmdb_reader import release_env
 
@@ -147,6 +148,8 @@ def open_store(out: Path, meta: dict, est_bytes: int):
             raise UserError(f"--out {out} is an LMDB but not a soft-label store: choose another folder")
         if old is not None:
             diff = [k for k in IDENTITY_KEYS if old.get(k) != meta.get(k)]
+            if old.get("data_identity") not in (None, meta.get("data_identity")):
+                diff.append("data (" + (identity_difference(old["data_identity"], meta["data_identity"], ("train",)) or "other") + ")")
             if diff:
                 raise UserError(f"{out} holds soft labels made with other {', '.join(diff)}: remove it or choose another --out")
         else:
@@ -240,6 +243,7 @@ def _make(cfg, out: Path, crops: int, topk: int, precision: str, batch_size: Opt
     from tqdm import tqdm
 
     from wsld.data.build import build_datasets
+    from wsld.data.identity import data_identity
     from wsld.engine.step import BatchNormalizer
     from wsld.models import build_model
     from wsld.teachers.live import set_teacher_bn_mode
@@ -247,13 +251,14 @@ def _make(cfg, out: Path, crops: int, topk: int, precision: str, batch_size: Opt
 
     set_cpu_threads(cfg, rt)
     seed_everything(cfg.train.seed)
-    train_ds, _, info = build_datasets(cfg.data, seed=cfg.train.seed)
+    train_ds, val_ds, info = build_datasets(cfg.data, seed=cfg.train.seed)
+    data = broadcast_object(rt, data_identity(train_ds, val_ds) if rt.is_main else None)  # the teacher cache key takes it
     if not cfg.data.augment and crops > 1:
         say(f"data.augment=false: all {crops} crops of an image are the same; --crops 1 stores the same information")
     if topk > info.num_classes:
         say(f"--topk {topk} is more than the {info.num_classes} classes: storing all {info.num_classes}")
         topk = info.num_classes
-    weights = ensure_teacher(cfg, rt, say)
+    weights = ensure_teacher(cfg, rt, say, data)
     teacher = build_model(cfg.model.teacher, info.num_classes, in_channels=info.in_channels, weights=weights, role="teacher")
     dev = rt.device
     channels_last = use_channels_last(cfg.model.channels_last, dev)
@@ -270,6 +275,7 @@ def _make(cfg, out: Path, crops: int, topk: int, precision: str, batch_size: Opt
         "teacher": cfg.model.teacher, "teacher_weights": str(weights), "teacher_sha256": state_sha256(teacher),
         "seed": cfg.train.seed, "data": crop_data_config(cfg.data), "targets_sha256": targets_sha256(train_ds),
         "amp": str(amp), "record_bytes": dtype.itemsize,
+        "data_identity": {k: data[k] for k in ("format", "classes", "train")},  # what a run checks (teachers.stored)
     }  # fmt: skip
     per_image = crops * dtype.itemsize
     # LMDB stores small values inline (~16 B overhead); bigger ones on whole overflow pages

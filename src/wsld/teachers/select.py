@@ -23,8 +23,8 @@ def open_teacher_source(cfg: Config, rt: Runtime, info: DataInfo, log: Callable[
     if cfg.distill.soft_labels:
         from wsld.teachers.stored import open_stored_teacher
 
-        return open_stored_teacher(cfg, info)
-    weights = ensure_teacher(cfg, rt, log)
+        return open_stored_teacher(cfg, info, log)
+    weights = ensure_teacher(cfg, rt, log, info.identity)
     model = build_model(
         cfg.model.teacher, info.num_classes, in_channels=info.in_channels, weights=weights,
         replace_head_if_needed=False, role="teacher",

@@ -11,6 +11,7 @@ from typing import Callable, Optional
 from wsld import console_log
 from wsld.checkpoint import load_checkpoint, save_weights
 from wsld.config import Config, load_config, to_dict
+from wsld.data.identity import identity_digest
 from wsld.engine.loop import Trainer
 from wsld.engine.rundir import RESUME_SAFE_KEYS
 from wsld.locks import DirLock
@@ -58,30 +59,35 @@ _TEACHER_DISTILL = {"loss": "ce", "T": 4.0, "alpha": 2.5, "label_smoothing": 0.0
                     "allow_weak_teacher": False}  # fmt: skip
 
 
-def teacher_cache_key(cfg: Config) -> str:
+def teacher_cache_key(cfg: Config, data_id: str = "") -> str:
     """Hash of everything that changes the trained teacher: its training config (minus
-    resume-safe keys) and its architecture."""
+    resume-safe keys), its architecture and ``data_id``, the digest of the data's identity
+    (``wsld.data.identity``: two datasets behind one ``data.dataset`` name get two teachers)."""
     d = to_dict(teacher_training_config(cfg))
     d["distill"] = dict(_TEACHER_DISTILL)
     for dotted in CACHE_KEY_IGNORED:
         section, key = dotted.split(".")
         d[section].pop(key, None)
     d["architecture"] = architecture_fingerprint(cfg.model.teacher)
+    if data_id:
+        d["data_identity"] = data_id
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def teacher_cache_dir(cfg: Config) -> Path:
-    return Path(os.path.expanduser(cfg.model.teacher_cache)) / f"{cfg.data.dataset}-{cfg.model.teacher}-{teacher_cache_key(cfg)}"
+def teacher_cache_dir(cfg: Config, data_id: str) -> Path:
+    key = teacher_cache_key(cfg, data_id)
+    return Path(os.path.expanduser(cfg.model.teacher_cache)) / f"{cfg.data.dataset}-{cfg.model.teacher}-{key}"
 
 
 TEACHER_WEIGHTS = "teacher.safetensors"  # beside a teacher run's checkpoints: what model.teacher_weights takes
 
 
-def train_teacher_run(tcfg: Config, run_dir: Path, rt: Runtime, *, resume: bool, weights: Optional[Path] = None) -> dict:
+def train_teacher_run(tcfg: Config, run_dir: Path, rt: Runtime, *, resume: bool, weights: Optional[Path] = None,
+                      allow_data_change: bool = False) -> dict:  # fmt: skip
     """Train (or resume) a teacher with ``tcfg`` (from ``teacher_training_config``) in ``run_dir``,
     labelled as a teacher throughout, and write its last weights to ``weights``
     (default ``run_dir/teacher.safetensors``); returns the run's summary."""
-    summary = Trainer(tcfg, run_dir, rt, resume=resume, role="teacher").fit()
+    summary = Trainer(tcfg, run_dir, rt, resume=resume, role="teacher", allow_data_change=allow_data_change).fit()
     if rt.is_main:
         save_weights(load_checkpoint(run_dir / "last.pt")["student"], weights or run_dir / TEACHER_WEIGHTS)
     barrier(rt)
@@ -98,12 +104,18 @@ def is_teacher_run(run_dir: Path) -> bool:
     return first.get("kind") == "start" and first.get("role") == "teacher"
 
 
-def ensure_teacher(cfg: Config, rt: Runtime, log: Callable[[str], None]) -> str:
+def ensure_teacher(cfg: Config, rt: Runtime, log: Callable[[str], None], data: Optional[dict] = None) -> str:
     """Path of the teacher's weights: given, or trained once and cached (an interrupted teacher
-    run resumes from its own checkpoint next time)."""
+    run resumes from its own checkpoint next time). ``data``: the identity of ``cfg``'s data
+    (``wsld.data.identity``), part of the cache key; computed here when not given."""
     if cfg.model.teacher_weights:
         return cfg.model.teacher_weights
-    cache = teacher_cache_dir(cfg)
+    if data is None:
+        from wsld.data.build import build_datasets
+        from wsld.data.identity import data_identity
+
+        data = data_identity(*build_datasets(cfg.data, seed=cfg.train.seed)[:2])
+    cache = teacher_cache_dir(cfg, identity_digest(data))
     weights = cache / "teacher.safetensors"
     if weights.is_file():
         log(f"teacher: reusing {weights}")
