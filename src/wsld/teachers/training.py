@@ -74,8 +74,15 @@ def teacher_cache_key(cfg: Config, data_id: str = "") -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def teacher_cache_dir(cfg: Config, data_id: str) -> Path:
-    key = teacher_cache_key(cfg, data_id)
+def teacher_cache_dir(cfg: Config, data: Optional[dict] = None) -> Path:
+    """The cache entry of ``cfg``'s teacher; ``data``: the identity of ``cfg``'s data
+    (``wsld.data.identity``), computed here when not given."""
+    if data is None:
+        from wsld.data.build import build_datasets
+        from wsld.data.identity import data_identity
+
+        data = data_identity(*build_datasets(cfg.data, seed=cfg.train.seed)[:2])
+    key = teacher_cache_key(cfg, identity_digest(data))
     return Path(os.path.expanduser(cfg.model.teacher_cache)) / f"{cfg.data.dataset}-{cfg.model.teacher}-{key}"
 
 
@@ -110,12 +117,7 @@ def ensure_teacher(cfg: Config, rt: Runtime, log: Callable[[str], None], data: O
     (``wsld.data.identity``), part of the cache key; computed here when not given."""
     if cfg.model.teacher_weights:
         return cfg.model.teacher_weights
-    if data is None:
-        from wsld.data.build import build_datasets
-        from wsld.data.identity import data_identity
-
-        data = data_identity(*build_datasets(cfg.data, seed=cfg.train.seed)[:2])
-    cache = teacher_cache_dir(cfg, identity_digest(data))
+    cache = teacher_cache_dir(cfg, data)
     weights = cache / "teacher.safetensors"
     if weights.is_file():
         log(f"teacher: reusing {weights}")
