@@ -166,3 +166,15 @@ def test_gpu_e2e_pools_only_whole_windows_after_the_warm_up(tmp_path):
     assert got["gpu_busy_frac"] == pytest.approx((0.9 * secs[0] + 1.0 * secs[1]) / sum(secs))
     assert e2e.config_of(recs[0], ["model.compile=true"]) == "bf16+cl+compile"
     assert e2e.config_of({"amp": "None", "channels_last": False}, []) == "fp32"
+
+
+def test_own_photos_recipe_times_both_readme_commands(tmp_path):
+    """bench/own_photos_recipe.py, tiny: photos made, stand-in ImageNet files cached, both commands timed."""
+    out = run("own_photos_recipe.py", "--out", str(tmp_path / "work"), "--photos", "40", "--results", str(tmp_path / "r.json"),
+              "data.image_size=32", "data.val_resize=36", "data.batch_size=8", "data.workers=0", "train.epochs=1",
+              "teacher_train.epochs=1", "model.teacher=shufflenet_v2_x0_5", "model.student=shufflenet_v2_x0_5",
+              "distill.allow_weak_teacher=true", timeout=300).stdout  # fmt: skip
+    assert "teacher" in out and "student" in out and "CPU s" in out
+    rec = json.loads((tmp_path / "r.json").read_text())
+    assert all(rec[k]["wall_s"] > 0 and rec[k]["cpu_s"] > 0 for k in ("teacher", "student"))
+    assert (tmp_path / "work" / "runs" / "student" / "summary.json").is_file()

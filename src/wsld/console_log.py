@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -88,7 +89,7 @@ def capture(enabled: bool, argv: list[str]) -> Iterator[None]:
         yield
         return
     started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
-    log = ConsoleLog(f"# wsld {' '.join(argv)}    (started {started})\n")
+    log = ConsoleLog(f"# wsld {shlex.join(argv)}    (started {started})\n")
     out, err = sys.stdout, sys.stderr
     sys.stdout, sys.stderr = _Tee(out, log), _Tee(err, log)  # type: ignore[assignment]
     _active = log
