@@ -11,7 +11,7 @@ from engine_helpers import digits_teacher, records, run_cli  # noqa: F401  (digi
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from wsld.engine.step import APPLIED, LOSS_NOT_FINITE, STAND_IN, StepContext, train_step, update_ema
+from wsld.engine.step import APPLIED, GRADS_NOT_FINITE, LOSS_NOT_FINITE, STAND_IN, StepContext, train_step, update_ema
 from wsld.losses.registry import DistillLoss
 
 CE_TINY = [
@@ -210,3 +210,57 @@ def test_steady_state_cuda_steps_never_sync():
         torch.cuda.set_sync_debug_mode(0)
     verdicts, _ = health.read()
     assert [(v.step, v.why) for v in verdicts] == [(2, "loss")]
+
+
+def _ddp_worker(rank: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        model = _net()
+        ctx = _ctx(nn.parallel.DistributedDataParallel(model))
+        from wsld.engine.health import StepHealth
+
+        health = StepHealth(10, True, torch.device("cpu"))
+        statuses = []
+        for k in range(4):
+            x, y = _batch(10 * k + rank)
+            if k == 1 and rank == 0:  # a non-finite loss on rank 0 only
+                x, y = _batch(10 * k + rank, bad=True)
+            stand_in = k == 2 and rank == 1  # rank 1's batch was empty: a stand-in runs
+            if stand_in:
+                x, y = torch.zeros(2, 1, 6, 6), torch.zeros(2, dtype=torch.int64)
+            before = _state(ctx)
+            res = train_step(ctx, x, y, stand_in=stand_in)
+            health.record(res.status, 0, k, k)
+            statuses.append(int(res.status))
+            changed = not all(torch.equal(a, b) for a, b in zip(before, _state(ctx)))
+            statuses.append(changed)
+        verdicts, signum = health.read(15 if rank == 1 else None)  # and rank 1 got a SIGTERM
+        torch.save({"statuses": statuses, "weights": [p.detach() for p in model.parameters()],
+                    "verdicts": [(v.step, v.why) for v in verdicts], "signum": signum}, f"{out}.{rank}")  # fmt: skip
+    finally:
+        dist.destroy_process_group()
+
+
+def test_under_ddp_every_rank_skips_a_step_that_one_rank_could_not_take(tmp_path):
+    # no collective of the guard's own: a rank's non-finite loss (or its stand-in for an empty batch)
+    # poisons its gradients, DDP's all-reduce spreads them, and both ranks leave the step out
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = str(tmp_path / "r")
+    mp.spawn(_ddp_worker, args=(port, out), nprocs=2, join=True)
+    r0, r1 = torch.load(f"{out}.0"), torch.load(f"{out}.1")
+    # (status, weights changed) per step: kept; rank 0's non-finite loss; rank 1's stand-in; kept
+    assert r0["statuses"] == [APPLIED, True, LOSS_NOT_FINITE, False, GRADS_NOT_FINITE, False, APPLIED, True]
+    assert r1["statuses"] == [APPLIED, True, GRADS_NOT_FINITE, False, STAND_IN, False, APPLIED, True]
+    assert all(torch.equal(a, b) for a, b in zip(r0["weights"], r1["weights"]))
+    # one read, one all-reduce: every rank learns what happened where, and the stop signal
+    for r in (r0, r1):
+        assert r["verdicts"] == [(1, "loss"), (2, "empty")] and r["signum"] == 15
