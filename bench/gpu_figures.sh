@@ -47,12 +47,16 @@ R=${1:-bench/results/gpu-$(date +%Y%m%d-%H%M%S)}
 mkdir -p "$R" || exit 1
 export PYTHONPATH=$PWD/src:$PWD/wheels/site${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 
-if ! $PY -c "import omegaconf, lmdb, simplejpeg" 2>/dev/null; then
-    if ls wheels/*.whl >/dev/null 2>&1; then
-        echo "== installing omegaconf, lmdb, simplejpeg from wheels/ into wheels/site"
-        $PY -m pip install --quiet --no-index --no-deps --find-links wheels --target wheels/site omegaconf lmdb simplejpeg
+if ! $PY -c "import omegaconf, lmdb, simplejpeg, yaml" 2>/dev/null; then
+    MISSING=()
+    for m in omegaconf:omegaconf lmdb:lmdb simplejpeg:simplejpeg yaml:pyyaml; do
+        $PY -c "import ${m%%:*}" 2>/dev/null || MISSING+=("${m#*:}")
+    done
+    if ls wheels/*.whl >/dev/null 2>&1; then  # --no-deps: never shadow the machine's numpy or torch
+        echo "== installing ${MISSING[*]} from wheels/ into wheels/site"
+        $PY -m pip install --quiet --no-index --no-deps --find-links wheels --target wheels/site "${MISSING[@]}"
     fi
-    $PY -c "import omegaconf, lmdb, simplejpeg" 2>/dev/null || {
+    $PY -c "import omegaconf, lmdb, simplejpeg, yaml" 2>/dev/null || {
         echo "gpu_figures.sh: $PY cannot import omegaconf, lmdb and simplejpeg, and wheels/ does not provide them; fetch them with:" \
              "pip download --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 -d wheels omegaconf lmdb simplejpeg" >&2
         exit 2
