@@ -143,6 +143,12 @@ def test_timm_pretrained_weights_start_a_student_with_a_new_head(tmp_path, monke
     assert "predicts 1000 classes, the data has 3" in err
     weights = load_ck(tmp_path / "s" / "last.pt")["student"]
     assert torch.equal(weights["conv1.0.weight"], state["conv1.0.weight"]) and tuple(weights["fc.weight"].shape)[0] == 3
+    # the same weights as a distillation teacher: refused from timm's config (1000 classes), with the two commands
+    teacher = [a.replace("model.student", "model.teacher") for a in args if a.startswith("model.student")]
+    rc, _, err = run_cli([a for a in args if a != "distill.loss=ce" and not a.startswith("--out") and a != str(tmp_path / "s")]
+                         + teacher + ["--out", str(tmp_path / "d")])  # fmt: skip
+    line = one_error_line(err)
+    assert rc == 2 and "has 1000 outputs but the data has 3 classes" in line and "model.teacher_weights=pretrained --teacher-only" in line
 
 
 def test_the_small_data_recipe_fits_a_few_hundred_photos_on_a_cpu():
