@@ -31,7 +31,7 @@ def test_every_shipped_config_loads_and_states_the_lr_rule(name):
     text = (CONFIGS / f"{name}.yaml").read_text()
     assert "scales" in text and "linearly" in text and "base_batch_size" in text
     assert cfg.distill.loss == name.rsplit("_", 1)[-1]
-    if cfg.distill.loss == "kd":
+    if cfg.distill.loss == "kd" and "chosen by `wsld compare" not in text:  # the published recipe, unless compared
         assert (cfg.distill.T, cfg.distill.params["kd"]["alpha"]) == (4.0, 0.9)
 
 

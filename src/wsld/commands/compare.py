@@ -53,7 +53,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "model.teacher_weights), a held-out share of the training images for every choice (never the val/test split), "
         "a search per row that brackets lr, T and the loss's weight on log grids that grow while the best point sits at "
         "an edge, the same number of search runs per row, then every row over N seeds, and a report (report.md, "
-        "results.json, plots) with every paired difference and its 95%% t-interval and, in words, where each loss "
+        "results.json, plots) with every paired difference and its 95% t-interval and, in words, where each loss "
         "wins, ties and loses. Prints the estimated time first. Running the same command again reuses finished runs "
         "and resumes unfinished ones. See docs/compare.md.",
     )
