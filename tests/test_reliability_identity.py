@@ -296,6 +296,10 @@ def test_G2_a_soft_label_store_made_from_other_images_is_refused(tmp_path, capsy
     rc, _, err = wsld(capsys, "train", *common, f"data.data_path={b}", f"distill.soft_labels={store}", "--out", tmp_path / "r",
                       "--allow-data-change")  # fmt: skip
     assert rc == 0 and "accepted (--allow-data-change)" in err, err
+    # nor does `wsld soft-labels` on B add to (or call finished) the store made from A
+    rc, _, err = wsld(capsys, "soft-labels", *common, f"data.data_path={b}", "--crops", "1", "--out", store)
+    line = error_line(err)
+    assert rc == 2 and "other data (the train split holds other content" in line, line
 
 
 def test_G7_baseline_refuses_an_earlier_ce_run_of_another_seed(tmp_path, capsys, digits_teacher):  # noqa: F811
