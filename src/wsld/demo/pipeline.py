@@ -359,7 +359,8 @@ def _run(s: Settings, out: Path, command: str, progress: bool, clear_hint: str, 
     if times:
         invocations.append({"started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(time.time() - wall_s)),
                             "wall_s": round(wall_s, 1), "cpu_s": round(cpu_s, 1), "runs": len(times),
-                            "load_start": load_start, "load_end": os.getloadavg()[0]})  # fmt: skip
+                            "load_start": load_start, "load_end": os.getloadavg()[0],
+                            "estimate_wall_s": [round(lo / jobs, 1), round(hi / jobs, 1)]})  # fmt: skip
     atomic_write_text(timings_path, json.dumps({**timings, "_invocations": invocations}, indent=2))
     meta = {
         "command": command,

@@ -68,22 +68,29 @@ def make_plots(res: dict[str, Any], plots: Path, quick: bool = False) -> list[Pa
         ax.set_title("every pair of rows: green ahead, red behind, grey no detectable difference", fontsize=9)
         save(fig, "paired_differences.png")
 
-    # the search: held-out top-1 against the learning rate, per row
+    # the search: held-out top-1 against the learning rate, per row, at the values its lr search held fixed
     srch = res["search"]
     if srch:
+        from matplotlib.ticker import FuncFormatter, NullFormatter
+
         fig, ax = plt.subplots(figsize=(6.4, 3.8))
         for k, v in srch.items():
+            if not v["runs"]:
+                continue
+            fixed = {n: x for n, x in v["runs"][0]["values"].items() if n != "lr"}  # the start values of T, weight
             pts = sorted((r["values"]["lr"], r["heldout_top1"]) for r in v["runs"]
-                         if all(r["values"].get(n) == v["chosen"].get(n) for n in v["chosen"] if n != "lr"))
-            if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color=COLORS.get(k, "#000000"),
-                        label=SHORT_NAMES.get(k, k), ms=4)
-                ax.scatter([v["chosen"]["lr"]], [max(p[1] for p in pts if p[0] == v["chosen"]["lr"])], s=90,
-                           facecolors="none", edgecolors=COLORS.get(k, "#000000"))
+                         if all(r["values"].get(n) == x for n, x in fixed.items()))
+            color = COLORS.get(k, "#000000")
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color=color, label=SHORT_NAMES.get(k, k), ms=4)
+            chosen = [p for p in pts if p[0] == v["chosen"]["lr"]]
+            if chosen:
+                ax.scatter([chosen[0][0]], [chosen[0][1]], s=90, facecolors="none", edgecolors=color)
         ax.set_xscale("log")
-        ax.set_xlabel("learning rate (other values at the row's chosen ones)")
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel("learning rate (T and the loss's weight at their start values, as in the lr search)")
         ax.set_ylabel("held-out top-1 (%)")
-        ax.set_title("search on held-out training images (circled: chosen)", fontsize=9)
+        ax.set_title("learning-rate search on held-out training images (circled: the chosen rate)", fontsize=9)
         ax.legend(fontsize=8)
         save(fig, "search_lr.png")
 

@@ -29,12 +29,22 @@ def time_sentence(meta: dict[str, Any]) -> str:
     est = meta["estimate_s"]
     estimate = duration(est["wall_low"]) + (f" to {duration(est['wall_high'])}" if est["wall_high"] > est["wall_low"] else "")
     if not inv:
+        m = meta["machine"]
         return (f"Every run was reused from an earlier invocation; this one took {duration(meta['wall_s'])} of wall time "
-                f"(estimate for the whole comparison: {estimate}).")
+                f"(estimate for the whole comparison: {estimate}; load average {m['load_start']:.1f}).")
     wall, cpu = sum(i["wall_s"] for i in inv), sum(i["cpu_s"] for i in inv)
     where = "in one invocation" if len(inv) == 1 else f"summed over {len(inv)} invocations (it was interrupted and continued)"
+    first = inv[0]
+    said = f"estimated before it started: {estimate} of wall time"
+    if "estimate_wall_s" in first:  # what was printed before the first run started
+        lo, hi = first["estimate_wall_s"]
+        said = f"estimated before it started: {duration(lo)}" + (f" to {duration(hi)}" if hi > lo else "") + " of wall time"
+    else:
+        said = "the estimate it printed before it started is in its console output"
+    busy = max(first["load_start"], first["load_end"]) > meta["machine"]["cpus"]
     return (f"Training took **{duration(wall)}** of wall time and **{duration(cpu)}** of CPU time (the command's "
-            f"own process and its runs), {where}; estimated before it started: {estimate} of wall time.")
+            f"own process and its runs), {where}, started {first['started']}; {said}. Load average (1 min) at the start / end of that training: {first['load_start']:.1f} / "
+            f"{first['load_end']:.1f}" + (" (above the core count: other programs competed for the CPU)." if busy else "."))
 
 
 def results_table(res: dict[str, Any]) -> list[str]:
@@ -128,7 +138,6 @@ def write_report(out: Path, res: dict[str, Any], meta: dict[str, Any], plots: li
     from wsld.files import atomic_write_text
 
     m, d, st = meta["machine"], res["data"], meta["settings"]
-    busy = max(m["load_start"], m["load_end"]) > m["cpus"]
     quick = meta.get("quick_note")
     lines = [f"# wsld compare: {', '.join(SHORT_NAMES[k] for k in res['rows_order'])}", ""]
     if quick:
@@ -138,9 +147,7 @@ def write_report(out: Path, res: dict[str, Any], meta: dict[str, Any], plots: li
     lines += [
         f"Command: `{meta['command']}`", "",
         f"Machine: {m['cpus']} CPU cores, {m['device']}, torch {m['torch']}; {meta['jobs']} run(s) at a time, "
-        f"{meta['threads']} thread(s) each. " + time_sentence(meta) + f" Load average (1 min) at the start / end of "
-        f"this invocation: {m['load_start']:.1f} / {m['load_end']:.1f}"
-        + (" (above the core count: other programs competed for the CPU)." if busy else "."), "",
+        f"{meta['threads']} thread(s) each. " + time_sentence(meta), "",
         f"Data: {d['classes']} classes, {d['train_images']:,} training images, {d['test_images']:,} test (val split) "
         f"images. Student `{res['student']}`, {_epochs(res['epochs']['student'])} per run; teacher "
         f"`{res['teacher']['model']}`" + (" (given)" if res["teacher"]["given"] else
