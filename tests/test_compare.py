@@ -168,3 +168,18 @@ def test_bad_options_are_one_line_errors(tmp_path, capsys):
         rc, _, err = wsld(capsys, "compare", REPO / "configs" / "digits_wsld.yaml", "--out", tmp_path / "x", *args)
         assert rc == 2 and words in error_line(err)
         assert not (tmp_path / "x").exists()
+
+
+def test_no_search_uses_the_configs_and_published_values_and_a_given_teacher(digits, tmp_path, capsys):
+    out, _ = digits
+    teacher = out / "runs" / "teacher" / "last.pt"
+    run = tmp_path / "nosearch"
+    rc, stdout, err = wsld(capsys, "compare", REPO / "configs" / "digits_wsld.yaml", f"model.teacher_weights={teacher}",
+                           "--losses", "ce", "kd", "--no-search", "--out", run, *TINY)  # fmt: skip
+    assert rc == 0, err
+    res = _json(run / "results.json")
+    assert res["search"] == {} and res["teacher"]["given"] == str(teacher)
+    assert res["rows"]["kd"]["values"] == {"lr": 0.025, "T": 4.0, "alpha": 0.9}  # the config's lr and T, KD's published alpha
+    assert not list((run / "runs").glob("search-*")) and not (run / "runs" / "teacher").exists()
+    assert _config(run, "kd-s0")["data"]["holdout"] == 0.0
+    assert "No search (--no-search)" in (run / "report.md").read_text(encoding="utf-8")

@@ -22,15 +22,16 @@ class Costs:
 
 
 def _time(fn, repeat: int) -> float:
+    """CPU seconds per call (process time: what the call costs, whatever else the machine runs)."""
     fn()  # warm-up
-    t0 = time.perf_counter()
+    t0 = time.process_time()
     for _ in range(repeat):
         fn()
-    return (time.perf_counter() - t0) / repeat
+    return (time.process_time() - t0) / repeat
 
 
 def measure(cfg: Any, models: list[str], batch: int = 32) -> Costs:
-    """Times ``models`` on batches of this config's training images, on one thread."""
+    """Times ``models`` on batches of this config's training images, on one thread, in CPU seconds."""
     import torch
 
     from wsld.data.build import build_datasets
@@ -42,9 +43,9 @@ def measure(cfg: Any, models: list[str], batch: int = 32) -> Costs:
         train, _val, info = build_datasets(cfg.data, seed=0)
         n = min(batch, len(train))
         keys = [(i, 0) for i in range(n)]
-        t0 = time.perf_counter()
+        t0 = time.process_time()
         samples = [train[k] for k in keys]
-        data = (time.perf_counter() - t0) / n
+        data = (time.process_time() - t0) / n
         x = torch.stack([torch.as_tensor(s[0]) for s in samples]).float()
         y = torch.as_tensor([int(s[1]) for s in samples])
         out_train, out_eval = {}, {}

@@ -325,8 +325,9 @@ def _run(s: Settings, out: Path, command: str, progress: bool, clear_hint: str, 
         log(f"search: {runs_lo}" + (f"-{runs_hi}" if runs_hi > runs_lo else "") + " runs in all on held-out training images (each dimension's grid may grow "
             f"{s.limit} points beyond its first 3)")
     log(f"estimated time: {duration(lo / jobs)}" + (f" to {duration(hi / jobs)}" if hi > lo else "")
-        + f" with {jobs} run(s) at a time ({duration(lo)}" + (f"-{duration(hi)}" if hi > lo else "")
-        + " of CPU, from timed steps of these models on this data; slower while other programs use the CPU)")
+        + f" with {jobs} run(s) at a time on free cores ({duration(lo)}" + (f"-{duration(hi)}" if hi > lo else "")
+        + f" of CPU, from timed steps of these models on this data); longer while other programs use the CPU "
+        f"(load average now {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)")
 
     times: dict[str, float] = {}
     known = -1
