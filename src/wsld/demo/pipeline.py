@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from wsld.demo import estimate
-from wsld.demo.plan import (ROW_BY_KEY, SEARCH_SEED, RunSpec, Settings, read_summary, row_dims, run_state, scaled,
+from wsld.demo.plan import (ROW_BY_KEY, SEARCH_SEED, RunSpec, Settings, read_summary, row_dims, run_state,
                             split_sizes, start_values, store_config, student_config, student_epochs, teacher_config,
                             teacher_dims, teacher_epochs, use_store, write_config)  # fmt: skip
 from wsld.demo.runner import Runner, duration
@@ -409,5 +409,3 @@ def settings_check(s: Settings) -> None:
     if unknown:
         raise UserError(f"--losses: unknown row {unknown[0]} (rows: {' '.join(ROW_BY_KEY)})")
 
-
-__all__ = ["run_compare", "settings_check", "check_folder", "Comparison", "scaled"]
