@@ -147,7 +147,8 @@ def test_own_photo_folder_end_to_end(tmp_path, capsys):
     assert res["headline"] in stdout and (out / "report.md").is_file()
 
 
-def test_holdout_never_reads_the_val_split(tmp_path):
+@pytest.mark.parametrize("fmt", ["folder", "list", "lmdb"])
+def test_holdout_never_reads_the_val_split(tmp_path, fmt):
     from wsld.config import load_config
     from wsld.data.build import build_datasets
 
@@ -155,11 +156,18 @@ def test_holdout_never_reads_the_val_split(tmp_path):
     for d in (root / "val").iterdir():
         d.rmdir()
     (root / "val").rmdir()  # no val split at all
-    cfg = load_config(None, ["data.format=folder", f"data.data_path={root}", "data.holdout=0.2", "data.dataset=mine"])
+    data_path = root
+    if fmt == "list":
+        assert main(["data", "list", str(root)]) == 0
+    elif fmt == "lmdb":
+        assert main(["data", "pack", str(root), "--split", "train", "--workers", "1", "--no-progress"]) == 0
+        data_path = root / "lmdb"
+    cfg = load_config(None, [f"data.format={fmt}", f"data.data_path={data_path}", "data.holdout=0.2", "data.dataset=mine"])
     train, val, info = build_datasets(cfg.data)
     assert (len(train), len(val), info.num_classes) == (12, 3, 3)
     assert sorted(val.targets) == [0, 1, 2]  # one held-out image per class
     assert not set(train.indices) & set(val.indices)
+    assert val[0][0].shape == train[(0, 0)][0].shape  # the val transforms: the same size, no augmentation draw
 
 
 def test_bad_options_are_one_line_errors(tmp_path, capsys):
