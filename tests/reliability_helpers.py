@@ -46,6 +46,29 @@ def run_to_end(cmd: list[str], log: Path, env: Optional[dict] = None, timeout: f
     return p
 
 
+def start(cmd: list[str], log: Path, **env: str) -> subprocess.Popen:
+    """Start ``cmd`` in its own session (so ``finish`` can kill its whole tree), output to ``log``."""
+    with open(log, "wb") as out:
+        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=sub_env(**env), start_new_session=True)
+
+
+def wait_for(pred: Callable[[], bool], p: subprocess.Popen, log: Path, timeout: float = 120) -> None:
+    """Poll ``pred`` until true; fail with the log's tail if ``p`` ends first or time runs out."""
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if p.poll() is not None:
+            raise AssertionError(f"ended (exit {p.returncode}) too early:\n{log.read_text(errors='replace')[-3000:]}")
+        assert time.monotonic() < deadline, log.read_text(errors="replace")[-3000:]
+        time.sleep(0.02)
+
+
+def finish(p: subprocess.Popen) -> None:
+    """Kill what is left of a process started by ``start``."""
+    if p.poll() is None:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
+
+
 def run_and_kill(
     cmd: list[str],
     log: Path,

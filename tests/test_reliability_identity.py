@@ -16,45 +16,21 @@ from pathlib import Path
 import pytest
 import torch
 from engine_helpers import digits_teacher  # noqa: F401  (a fixture)
-from reliability_helpers import TINY, WSLD, assert_same_run, load, records, run_to_end, sub_env
+from data_fixtures import error_line, wsld
+from reliability_helpers import TINY, WSLD, assert_same_run, finish, load, records, run_to_end, start, sub_env, wait_for
 from safetensors.torch import load_file, save_file
 
 from wsld.cli import main
 
 
-def wsld(capsys, *argv) -> tuple[int, str, str]:
-    """The CLI in this process: (exit code, stdout, stderr)."""
-    capsys.readouterr()
-    rc = main([str(a) for a in argv])
-    cap = capsys.readouterr()
-    return rc, cap.out, cap.err
 
 
-def error_line(err: str) -> str:
-    assert "Traceback" not in err, err
-    lines = [line for line in err.splitlines() if line.startswith("wsld: error:")]
-    assert len(lines) == 1, err
-    return lines[0]
 
 
-def _start(cmd: list[str], log: Path, **env: str) -> subprocess.Popen:
-    with open(log, "wb") as out:
-        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=sub_env(**env), start_new_session=True)
 
 
-def _wait_for(pred, p: subprocess.Popen, log: Path, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if p.poll() is not None:
-            raise AssertionError(f"ended (exit {p.returncode}) too early:\n{log.read_text(errors='replace')[-3000:]}")
-        assert time.monotonic() < deadline, log.read_text(errors="replace")[-3000:]
-        time.sleep(0.02)
 
 
-def _finish(p: subprocess.Popen) -> None:
-    if p.poll() is None:
-        os.killpg(p.pid, signal.SIGKILL)
-        p.wait()
 
 
 def _last_line(text: str) -> str:
@@ -78,14 +54,14 @@ def test_F1_sigterm_in_the_teachers_last_evaluation_stops_the_run_with_its_resum
     cache, run, want = tmp_path / "cache", tmp_path / "run", tmp_path / "want"
     args = [*TINY, "train.epochs=1", "train.threads=1", f"model.teacher_cache={cache}"]  # one thread here and there
     log = tmp_path / "1.log"
-    p = _start([*WSLD, "train", *args, "--out", str(run)], log, WSLD_TEST_SLOW_EVAL="0.3")
+    p = start([*WSLD, "train", *args, "--out", str(run)], log, WSLD_TEST_SLOW_EVAL="0.3")
     try:
         # the teacher's last step is logged at the end of its epoch, just before its evaluation
-        _wait_for(lambda: any(r["kind"] == "train" and r["global_step"] == 21 for r in records(_teacher_run(cache))), p, log)
+        wait_for(lambda: any(r["kind"] == "train" and r["global_step"] == 21 for r in records(_teacher_run(cache))), p, log)
         os.killpg(p.pid, signal.SIGTERM)
         rc = p.wait(timeout=120)
     finally:
-        _finish(p)
+        finish(p)
     out = log.read_text(errors="replace")
     assert rc == 143 and "Traceback" not in out, out[-3000:]
     line = _last_line(out)
@@ -108,17 +84,17 @@ def test_F2_a_second_run_into_the_same_out_is_refused_at_once_naming_the_holder(
     teacher work of its own (its teacher cache stays empty)."""
     run = tmp_path / "run"
     log = tmp_path / "a.log"
-    a = _start([*WSLD, "train", *TINY, "train.epochs=1", f"model.teacher_cache={tmp_path / 'ca'}", "--out", str(run)], log,
+    a = start([*WSLD, "train", *TINY, "train.epochs=1", f"model.teacher_cache={tmp_path / 'ca'}", "--out", str(run)], log,
                WSLD_TEST_SLOW_STEP="0.2")  # fmt: skip
     try:
-        _wait_for(lambda: bool(records(_teacher_run(tmp_path / "ca"))), a, log)  # a is in its teacher phase
+        wait_for(lambda: bool(records(_teacher_run(tmp_path / "ca"))), a, log)  # a is in its teacher phase
         t0 = time.monotonic()
         b = subprocess.run([*WSLD, "train", *TINY, "train.epochs=1", f"model.teacher_cache={tmp_path / 'cb'}", "--out", str(run)],
                            capture_output=True, text=True, env=sub_env(), timeout=120)  # fmt: skip
         took = time.monotonic() - t0
         assert a.poll() is None  # the first run goes on undisturbed
     finally:
-        _finish(a)
+        finish(a)
     assert b.returncode == 2, b.stderr
     line = error_line(b.stderr)
     assert "in use by another wsld process" in line and f"pid {a.pid}" in line, line

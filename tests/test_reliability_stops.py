@@ -9,13 +9,13 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from reliability_helpers import (
-    TINY, TORCHRUN_2, WSLD, assert_same_optimizer, assert_same_run, assert_same_tensors, load, records, run_to_end, sub_env,
+    TINY, TORCHRUN_2, WSLD, assert_same_optimizer, assert_same_run, assert_same_tensors, finish, load, records, run_to_end, start,
+    sub_env, wait_for,
 )  # fmt: skip
 from safetensors.torch import load_file, save_file
 
@@ -26,18 +26,8 @@ FIXTURES = Path(__file__).parent / "fixtures"
 CE2 = [*TINY, "distill.loss=ce", "train.epochs=2"]  # 21 steps an epoch, checkpoint every 8 steps
 
 
-def _start(cmd: list[str], log: Path, **env: str) -> subprocess.Popen:
-    with open(log, "wb") as out:
-        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=sub_env(**env), start_new_session=True)
 
 
-def _wait_for(pred, p: subprocess.Popen, log: Path, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if p.poll() is not None:
-            raise AssertionError(f"ended (exit {p.returncode}) too early:\n{log.read_text(errors='replace')[-3000:]}")
-        assert time.monotonic() < deadline, log.read_text(errors="replace")[-3000:]
-        time.sleep(0.02)
 
 
 def _trained_to(run: Path, step: int):
@@ -49,10 +39,6 @@ def _last_line(log: Path) -> str:
     return lines[-1] if lines else ""
 
 
-def _finish(p: subprocess.Popen) -> None:
-    if p.poll() is None:
-        os.killpg(p.pid, signal.SIGKILL)
-        p.wait()
 
 
 @pytest.fixture(scope="module")
@@ -74,13 +60,13 @@ def test_signal_mid_epoch_checkpoints_then_resume_is_bit_identical(tmp_path, ce_
     naming the checkpoint and the resume command; the resumed run equals the uninterrupted one."""
     run = tmp_path / "run"
     log = tmp_path / "1.log"
-    p = _start([*WSLD, "train", *CE2, "data.workers=1", "--out", str(run)], log, WSLD_TEST_SLOW_STEP="0.05")
+    p = start([*WSLD, "train", *CE2, "data.workers=1", "--out", str(run)], log, WSLD_TEST_SLOW_STEP="0.05")
     try:
-        _wait_for(_trained_to(run, 4), p, log)
+        wait_for(_trained_to(run, 4), p, log)
         os.killpg(p.pid, sig)
         rc = p.wait(timeout=120)
     finally:
-        _finish(p)
+        finish(p)
     out = log.read_text(errors="replace")
     assert rc == code and "Traceback" not in out, out
     line = _last_line(log)
@@ -118,9 +104,9 @@ def test_a_second_run_or_resume_on_a_live_run_directory_is_refused_naming_the_pi
     run = tmp_path / "run"
     log = tmp_path / "1.log"
     # slow steps keep the first run alive (84 steps, 25 s or more) while the two others start and are refused
-    p = _start([*WSLD, "train", *CE2, "train.epochs=4", "--out", str(run)], log, WSLD_TEST_SLOW_STEP="0.3")
+    p = start([*WSLD, "train", *CE2, "train.epochs=4", "--out", str(run)], log, WSLD_TEST_SLOW_STEP="0.3")
     try:
-        _wait_for(lambda: (run / "last.pt").is_file(), p, log)
+        wait_for(lambda: (run / "last.pt").is_file(), p, log)
         for argv in (["train", *CE2, "train.epochs=4", "--out", str(run)], ["train", "--resume", str(run)]):
             q = subprocess.run([*WSLD, *argv], capture_output=True, text=True, env=sub_env(), timeout=120)
             assert q.returncode == 2 and "Traceback" not in q.stderr, q.stderr
@@ -128,7 +114,7 @@ def test_a_second_run_or_resume_on_a_live_run_directory_is_refused_naming_the_pi
             assert "in use by another wsld process" in line and f"pid {p.pid}" in line, line
         assert p.poll() is None  # the first run was not disturbed
     finally:
-        _finish(p)
+        finish(p)
 
 
 def test_two_runs_sharing_a_teacher_setup_train_the_teacher_once(tmp_path):
@@ -136,13 +122,13 @@ def test_two_runs_sharing_a_teacher_setup_train_the_teacher_once(tmp_path):
     args = [*TINY, cache, "train.epochs=1"]
     # slow steps hold the teacher phase (21 steps) for 6 s or more: time for b to start up and find
     # the lock even on a loaded machine (at 0.1 s a step, b once started after the teacher was done)
-    a = _start([*WSLD, "train", *args, "--out", str(tmp_path / "a")], tmp_path / "a.log", WSLD_TEST_SLOW_STEP="0.3")
+    a = start([*WSLD, "train", *args, "--out", str(tmp_path / "a")], tmp_path / "a.log", WSLD_TEST_SLOW_STEP="0.3")
     try:
-        _wait_for(lambda: any((tmp_path / "cache").glob("*/.lock")), a, tmp_path / "a.log")
+        wait_for(lambda: any((tmp_path / "cache").glob("*/.lock")), a, tmp_path / "a.log")
         b = subprocess.run([*WSLD, "train", *args, "--out", str(tmp_path / "b")], capture_output=True, text=True, env=sub_env(), timeout=300)
         assert a.wait(timeout=300) == 0
     finally:
-        _finish(a)
+        finish(a)
     assert b.returncode == 0, b.stderr
     assert f"pid {a.pid}" in b.stderr and "waiting" in b.stderr and "teacher: reusing" in b.stderr
     assert "training cnn_teacher" in (tmp_path / "a.log").read_text() and "training cnn_teacher" not in b.stderr
@@ -279,9 +265,9 @@ def test_disk_full_at_a_metrics_write_is_one_line(tmp_path, tmpfs):
     disk = tmpfs("size=4m")
     run = disk / "run"
     log = tmp_path / "log"
-    p = _start([*WSLD, "train", *CE2, "train.log_every=1", "checkpoint.every_steps=0", "--out", str(run)], log, WSLD_TEST_SLOW_STEP="0.05")
+    p = start([*WSLD, "train", *CE2, "train.log_every=1", "checkpoint.every_steps=0", "--out", str(run)], log, WSLD_TEST_SLOW_STEP="0.05")
     try:
-        _wait_for(_trained_to(run, 2), p, log)
+        wait_for(_trained_to(run, 2), p, log)
         with open(disk / "filler", "wb") as f:  # take every free byte
             try:
                 while True:
@@ -291,7 +277,7 @@ def test_disk_full_at_a_metrics_write_is_one_line(tmp_path, tmpfs):
                 pass
         rc = p.wait(timeout=120)
     finally:
-        _finish(p)
+        finish(p)
     out = log.read_text(errors="replace")
     assert rc == 2 and "Traceback" not in out, out[-3000:]
     line = _last_line(log)
