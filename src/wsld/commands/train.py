@@ -326,5 +326,5 @@ def print_report(s: dict, baseline: Optional[dict] = None, train_lr: Optional[fl
         gain = s["last_top1"] - baseline["last_top1"]
         lr = f" (train.lr {train_lr:g})" if train_lr is not None else ""
         print(f"  {s['loss']} - CE: {gain:+.2f} points, and what it is not: one seed (no interval), CE at {s['loss']}'s learning "
-              f"rate{lr} rather than one tuned for it, so not the method's gain (`wsld demo` compares tuned rows over seeds "
-              "with 95% CIs)", file=out)
+              f"rate{lr} rather than one tuned for it, so not the method's gain (`wsld compare CONFIG` "
+              "compares tuned rows over seeds with 95% CIs)", file=out)
