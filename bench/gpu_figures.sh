@@ -4,7 +4,8 @@
 # bf16 + channels_last unless fp32.
 #
 # Usage: bash bench/gpu_figures.sh [--dry-run] [--reference-dir PATH] [RESULTS_DIR]
-#   RESULTS_DIR   where the results go, 7 files (default: bench/results/gpu-<date>): gpu.txt (machine),
+#   RESULTS_DIR   where the results go, 7 files (default: bench/results/gpu-<date>; with --dry-run a
+#                 new /tmp/wsld-gpu-dry-run.* folder): gpu.txt (machine),
 #                 parts.jsonl (each part's exit status and seconds), logs.txt (every part's output),
 #                 step.json, loss.json, gpu_decode.json, gpu_e2e.json
 #   --dry-run     every part on the CPU with tiny sizes (small models, 32-64 px, a few images;
@@ -43,7 +44,11 @@ while [ $# -gt 0 ]; do
     esac
 done
 PY=${PY:-python3}
-R=${1:-bench/results/gpu-$(date +%Y%m%d-%H%M%S)}
+if [ $DRY -eq 1 ]; then  # a CPU check of the script, not figures: kept out of bench/results
+    R=${1:-$(mktemp -d /tmp/wsld-gpu-dry-run.XXXXXX)}
+else
+    R=${1:-bench/results/gpu-$(date +%Y%m%d-%H%M%S)}
+fi
 mkdir -p "$R" || exit 1
 export PYTHONPATH=$PWD/src:$PWD/wheels/site${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 
