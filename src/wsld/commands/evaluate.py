@@ -118,10 +118,10 @@ def check_eval_data(recorded: dict, cfg, val, path: Path, allow: bool) -> None:
     when the data keys name the run's own val split, its images must be the run's: refused with one line
     saying what differs (F4), unless --allow-data-change."""
     from wsld.config import to_dict
-    from wsld.data.identity import FORMAT, check_identity, split_identity
+    from wsld.data.identity import FORMAT, check_identity, recorded_identity, split_identity
 
-    was = dict(recorded.get("data") or {"format": FORMAT, "classes": recorded.get("classes")})
-    if not was.get("classes"):
+    was = recorded_identity(recorded)
+    if not was or not was.get("classes"):
         return  # nothing recorded (a bare weights file)
     run_data = (recorded.get("config") or {}).get("data") or {}
     now_data = to_dict(cfg)["data"]

@@ -56,6 +56,15 @@ def split_identity(dataset) -> dict[str, Any]:
     return {"count": int(len(targets)), "per_class": per_class, "sha256": h.hexdigest()}
 
 
+def recorded_identity(recorded: Optional[dict]) -> Optional[dict]:
+    """The identity in a record (``run.json``'s ``data``, or a checkpoint's ``{"classes", "data"}``);
+    for a run made before wsld recorded one, its class list alone; None when neither is there."""
+    recorded = recorded or {}
+    if recorded.get("data"):
+        return dict(recorded["data"])
+    return {"format": FORMAT, "classes": recorded["classes"]} if recorded.get("classes") else None
+
+
 def identity_digest(identity: Optional[dict]) -> str:
     """A short digest of a whole identity (the teacher cache key takes it)."""
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16] if identity else ""

@@ -19,7 +19,7 @@ from typing import Any, Callable, Optional
 
 from wsld.config import Config, to_dict
 from wsld.engine.optim import lr_factor
-from wsld.engine.rundir import RESUME_SAFE_KEYS, config_diff
+from wsld.engine.rundir import RESUME_SAFE_KEYS, config_diff, config_value
 from wsld.errors import UserError
 from wsld.files import atomic_write_text
 
@@ -39,12 +39,6 @@ _RECORDED = {"teacher": "model.teacher_weights", "student_weights": "model.stude
 def _get(cfg: Config, key: str) -> Any:
     section, name = key.split(".")
     return getattr(getattr(cfg, section), name)
-
-
-def _lookup(d: dict, key: str) -> Any:
-    for part in key.split("."):
-        d = d.get(part) if isinstance(d, dict) else None
-    return d
 
 
 def _is_file_value(key: str, value: Optional[str]) -> bool:
@@ -156,12 +150,9 @@ def check_data(recorded: Optional[dict], info, run_dir: Path, say: Callable[[str
     ``recorded`` (``run.json``, or a checkpoint's ``{"classes", "data"}``; a run made before wsld
     recorded one is checked by its class list alone). Refused with one line saying what differs,
     unless ``info.allow_data_change`` (--allow-data-change)."""
-    from wsld.data.identity import FORMAT, check_identity
+    from wsld.data.identity import check_identity, recorded_identity
 
-    if not recorded:
-        return
-    was = recorded.get("data") or ({"format": FORMAT, "classes": recorded["classes"]} if recorded.get("classes") else None)
-    check_identity(was, info.identity, refusal=f"cannot resume {run_dir}: its data changed since it started: {{diff}}; give "
+    check_identity(recorded_identity(recorded), info.identity, refusal=f"cannot resume {run_dir}: its data changed since it started: {{diff}}; give "
                    "data.data_path= the run's data", subject=f"resuming {run_dir}", allow=info.allow_data_change, say=say)  # fmt: skip
 
 
@@ -178,7 +169,7 @@ def resume_refusal(run_dir: Path, run: Config, new: Config, record: Optional[dic
     for key in config_diff(a, b):
         if key in RESUME_SAFE_KEYS or key == "train.epochs":
             continue
-        old, cur = _lookup(a, key), _lookup(b, key)
+        old, cur = config_value(a, key), config_value(b, key)
         if key in MOVABLE_FILE_KEYS and _is_file_value(key, cur):
             cached = key == "model.teacher_weights" and old is None and "teacher" in ((record or {}).get("files") or {})
             if _is_file_value(key, old) or cached:

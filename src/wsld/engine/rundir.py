@@ -195,6 +195,13 @@ def default_run_dir(dataset: str, loss: str, student: str) -> Path:
     return path.with_name(path.name + (f"-{n}" if n > 1 else ""))
 
 
+def config_value(d: dict, key: str) -> Any:
+    """The value of dotted ``key`` (as ``config_diff`` names it) in a config dict; None where absent."""
+    for part in key.split("."):
+        d = d.get(part) if isinstance(d, dict) else None
+    return d
+
+
 def config_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
     keys = []
     for k in sorted(set(a) | set(b)):

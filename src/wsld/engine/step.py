@@ -173,8 +173,9 @@ def train_step(ctx: StepContext, images: Tensor, targets: Tensor, batch: Optiona
     ranks take the same decision with no collective of their own."""
     guard = ctx.guard
     dev = images.device
-    on_device = ctx.check_finite and ctx.scaler is None and guard is not None and guard.on_device(dev)
-    if ctx.check_finite and ctx.scaler is None and guard is not None:
+    guarded = ctx.check_finite and ctx.scaler is None and guard is not None
+    on_device = guarded and guard.on_device(dev)
+    if guarded:
         guard.save(everything=on_device)  # before the forward: it moves BatchNorm's running statistics
     run_teacher = ctx.teacher is not None and not stand_in  # a stand-in has no teacher records: its step is discarded anyway
     teacher_logits = ctx.teacher.logits(images, batch) if run_teacher else None
