@@ -283,9 +283,15 @@ def test_G7_baseline_refuses_an_earlier_ce_run_of_another_seed(tmp_path, capsys,
     training, naming the keys, instead of being reported as "same student, seed and recipe"."""
     args = [*TINY, "train.epochs=1", f"model.teacher_weights={digits_teacher}"]
     run = tmp_path / "run"
-    rc, _, err = wsld(capsys, "train", *args, "distill.loss=ce", "train.seed=1", "train.lr=0.05", "--out", f"{run}-ce")
+    rc, _, err = wsld(capsys, "train", *args, "distill.loss=ce", "train.seed=1", "train.lr=0.05", "data.augment=false",
+                      "--out", f"{run}-ce")  # fmt: skip
     assert rc == 0, err
     rc, out, err = wsld(capsys, "train", *args, "--baseline", "--out", run)
     line = error_line(err)
     assert rc == 2 and f"{run}-ce" in line and "train.seed (1 there, 0 here)" in line and "train.lr" in line, line
     assert not run.exists() and "same student, seed and recipe" not in out
+    # --allow-data-change accepts other images, never another recipe, a data.* key's included
+    rc, out, err = wsld(capsys, "train", *args, "--baseline", "--allow-data-change", "--out", run)
+    line = error_line(err)
+    assert rc == 2 and "data.augment (False there, True here)" in line, line
+    assert not run.exists()

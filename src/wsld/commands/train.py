@@ -281,8 +281,8 @@ def _ce_config(cfg):
 def _refuse_other_baseline(done: Path, cfg, run_dir: Path, allow_data_change: bool) -> None:
     from wsld.engine.previous_runs import baseline_refusal
 
-    why = baseline_refusal(done, _ce_config(cfg), run_dir)
-    if why and not (allow_data_change and "other data" in why):
+    why = baseline_refusal(done, _ce_config(cfg), run_dir, allow_data_change)
+    if why:
         raise UserError(why)
 
 

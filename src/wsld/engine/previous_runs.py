@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from wsld.config import Config, load_config, to_dict
-from wsld.engine.rundir import RESUME_SAFE_KEYS, config_diff
+from wsld.engine.rundir import RESUME_SAFE_KEYS, config_diff, config_value
 from wsld.errors import UserError
 
 MAX_SCANNED = 200  # the newest folders only: a start must stay quick in a big runs/
@@ -80,10 +80,10 @@ def _not_read_by_ce(key: str) -> bool:
             or (key.startswith("distill.") and not key.startswith(("distill.loss", "distill.params"))))  # fmt: skip
 
 
-def baseline_refusal(done: Path, ce_cfg: Config, run_dir: Path) -> Optional[str]:
+def baseline_refusal(done: Path, ce_cfg: Config, run_dir: Path, allow_data_change: bool = False) -> Optional[str]:
     """Why the finished run in ``done`` (``RUN_DIR-ce``) is not the CE baseline of ``ce_cfg`` that
     ``--baseline`` would train, or None: same student, seed and recipe (every key a CE run reads),
-    and, once ``run_dir`` records its data, the same data."""
+    and, once ``run_dir`` records its data, the same data (unless ``allow_data_change``)."""
     from wsld.data.identity import OVERRIDE, identity_difference
     from wsld.engine.resume import read_run_record
 
@@ -93,20 +93,16 @@ def baseline_refusal(done: Path, ce_cfg: Config, run_dir: Path) -> Optional[str]
     except (UserError, OSError):
         return f"--baseline: {done} holds another finished run (no readable config.yaml to compare with); {move}"
     want = load_config(None, base=to_dict(ce_cfg))  # resolved as the trainer resolves it
-    diff = [k for k in config_diff(to_dict(saved), to_dict(want)) if not _not_read_by_ce(k)]
+    there, here = to_dict(saved), to_dict(want)
+    diff = [k for k in config_diff(there, here) if not _not_read_by_ce(k)]
     if diff:
-        shown = ", ".join(f"{k} ({_value(saved, k)} there, {_value(want, k)} here)" for k in diff[:3])
+        shown = ", ".join(f"{k} ({config_value(there, k)} there, {config_value(here, k)} here)" for k in diff[:3])
         more = ", ..." if len(diff) > 3 else ""
         return f"--baseline: {done} holds another finished run, made with other {shown}{more}: not this run's baseline; {move}"
+    if allow_data_change:
+        return None
     ours, theirs = read_run_record(run_dir), read_run_record(done)
     why = identity_difference((theirs or {}).get("data"), ((ours or {}).get("data")) or {}) if ours and ours.get("data") else None
     if why:
         return f"--baseline: {done} holds another finished run, trained on other data ({why}); {move} (or pass {OVERRIDE} to reuse it)"
     return None
-
-
-def _value(cfg: Config, key: str) -> Any:
-    d: Any = to_dict(cfg)
-    for part in key.split("."):
-        d = d.get(part) if isinstance(d, dict) else None
-    return d
