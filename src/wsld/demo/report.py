@@ -35,7 +35,6 @@ def time_sentence(meta: dict[str, Any]) -> str:
     wall, cpu = sum(i["wall_s"] for i in inv), sum(i["cpu_s"] for i in inv)
     where = "in one invocation" if len(inv) == 1 else f"summed over {len(inv)} invocations (it was interrupted and continued)"
     first = inv[0]
-    said = f"estimated before it started: {estimate} of wall time"
     if "estimate_wall_s" in first:  # what was printed before the first run started
         lo, hi = first["estimate_wall_s"]
         said = f"estimated before it started: {duration(lo)}" + (f" to {duration(hi)}" if hi > lo else "") + " of wall time"
